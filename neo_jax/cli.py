@@ -1,0 +1,64 @@
+"""`neo-jax`: one command line with subcommands.
+
+Each subcommand lives in its own module, which exposes `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their command runs, so
+`neo-jax --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from neo_jax.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "import-hf": ("neo_jax.hf.commands_import", "import a Hugging Face (safetensors) or GGUF checkpoint"),
+    "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
+}
+
+# name -> (module, one-line help) for `neo-jax bench NAME`
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "model": ("neo_jax.bench.model", "train-step tokens/s and MFU, against transformers + torch"),
+}
+
+
+def _add_lazy(subparsers, name: str, module: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(_module=module)
+    if name in sys.argv[1:3]:  # only import the module of the command being run
+        importlib.import_module(module).add_arguments(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neo-jax", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        _add_lazy(subparsers, name, module, help_text)
+    bench = subparsers.add_parser("bench", help="benchmarks; each prints one JSON object")
+    bench_sub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name, (module, help_text) in BENCHMARKS.items():
+        _add_lazy(bench_sub, name, module, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:])
+    module = getattr(args, "_module", None)
+    if module is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(module).run(args) or 0)
+    except UserError as e:
+        print(f"neo-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
