@@ -17,6 +17,7 @@ from neo_jax.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("neo_jax.hf.commands_import", "import a Hugging Face (safetensors) or GGUF checkpoint"),
     "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
+    "plot": ("neo_jax.plot", "write PNG training curves of a run directory"),
 }
 
 # name -> (module, one-line help) for `neo-jax bench NAME`
@@ -25,30 +26,33 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
-def _add_lazy(subparsers, name: str, module: str, help_text: str) -> None:
+def _add_lazy(subparsers, name: str, module: str, help_text: str, selected: bool) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     parser.set_defaults(_module=module)
-    if name in sys.argv[1:3]:  # only import the module of the command being run
+    if selected:  # only the module of the command being run is imported
         importlib.import_module(module).add_arguments(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser; `argv` picks which command's module gets imported for its arguments."""
+    words = [a for a in argv if not a.startswith("-")]
+    command = words[0] if words else None
+    benchmark = words[1] if command == "bench" and len(words) > 1 else None
     parser = argparse.ArgumentParser(prog="neo-jax", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        _add_lazy(subparsers, name, module, help_text)
+        _add_lazy(subparsers, name, module, help_text, selected=name == command)
     bench = subparsers.add_parser("bench", help="benchmarks; each prints one JSON object")
     bench_sub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     for name, (module, help_text) in BENCHMARKS.items():
-        _add_lazy(bench_sub, name, module, help_text)
+        _add_lazy(bench_sub, name, module, help_text, selected=name == benchmark)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     module = getattr(args, "_module", None)
     if module is None:
         parser.print_help()

@@ -1,0 +1,1 @@
+"""Training: staged SID grounding and instruction tuning over a named device mesh."""

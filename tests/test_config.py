@@ -1,0 +1,64 @@
+"""Typed configs: YAML + key=value overrides, and clear errors for unknown or ill-typed keys."""
+
+import dataclasses
+
+import pytest
+
+from neo_jax.config import ConfigError, MeshConfig, load_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    lr: float = 1e-3
+    warmup_steps: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    name: str = "run"
+    steps: int = 100
+    bf16: bool = False
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)
+    levels: tuple[int, ...] = (256, 256)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: Optim = dataclasses.field(default_factory=Optim)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\noptim:\n  lr: 0.1\nmesh:\n  data: 2\nmix: {recommend: 1.0}\n")
+    cfg = load_config(Example, path, ["optim.lr=3e-4", "bf16=true", "levels=[4,4,8]", "mesh.fsdp=4"])
+    assert cfg.steps == 5
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.bf16 is True
+    assert cfg.levels == (4, 4, 8)
+    assert cfg.mesh == MeshConfig(data=2, fsdp=4, tensor=1)
+    assert cfg.mix == {"recommend": 1.0}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown setting 'optim.lrr'; did you mean 'lr'?"),
+    ("stpes=3", "unknown setting 'stpes'; did you mean 'steps'?"),
+    ("steps=1.5", "steps: expected an integer"),
+    ("bf16=maybe", "bf16: expected true or false"),
+    ("steps", "is not of the form key=value"),
+])
+def test_bad_override_names_the_setting(override, message):
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("'", "'")):
+        load_config(Example, None, [override])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  warmup_step: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown setting 'optim.warmup_step'; did you mean 'warmup_steps'"):
+        load_config(Example, path)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Example, tmp_path / "nope.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Example, path)
