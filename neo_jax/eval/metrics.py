@@ -1,0 +1,33 @@
+"""Leave-one-out ranking metrics: Recall@K and NDCG@K over ranked item lists.
+
+Each user has one held-out target item; the model returns a ranked list of item rows
+(`-1` pads lists shorter than K, e.g. when fewer valid items were decoded). With a single
+relevant item, Recall@K is the hit rate and NDCG@K is `1 / log2(rank + 2)` at the
+target's 0-based rank, 0 when it is missing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from neo_jax.errors import UserError
+
+
+def ranking_metrics(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = (5, 10)) -> dict[str, float]:
+    """`ranked` `[users, max_k]` item rows best first (-1 pads), `targets` `[users]`."""
+    ranked = np.asarray(ranked)
+    targets = np.asarray(targets)
+    if ranked.ndim != 2 or targets.shape != (ranked.shape[0],):
+        raise UserError(f"ranked must be [users, k] and targets [users], got {ranked.shape} and {targets.shape}")
+    if ranked.shape[0] == 0:
+        raise UserError("no users to evaluate")
+    if max(ks) > ranked.shape[1]:
+        raise UserError(f"asked for @{max(ks)} but the ranked lists hold {ranked.shape[1]} items")
+    hits = ranked == targets[:, None]  # [users, max_k]
+    first = np.where(hits.any(axis=1), hits.argmax(axis=1), ranked.shape[1])  # [users] rank of target
+    metrics = {}
+    for k in ks:
+        found = first < k  # [users]
+        metrics[f"recall@{k}"] = float(found.mean())
+        metrics[f"ndcg@{k}"] = float(np.where(found, 1.0 / np.log2(first + 2.0), 0.0).mean())
+    return metrics
