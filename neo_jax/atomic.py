@@ -24,6 +24,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
         raise UserError(f"{out_dir} already exists; remove it or choose another output directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; the output is an ordinary directory
     try:
         yield tmp
         if out_dir.exists():

@@ -1,0 +1,98 @@
+"""The training input pipeline: ArrayRecord shards -> packed, batched token arrays, with grain.
+
+Per process: take every `shard_count`-th record starting at `shard_index`, shuffle with a
+seed (a new order each epoch), decode each record into next-token features, pack several
+examples into each row of `seq_len` tokens (grain first-fit packing), batch and prefetch.
+Each batch is a dict of numpy arrays, all `[batch_size, seq_len]`:
+- `tokens` int32: input ids;
+- `targets` int32: the id to predict at each position (the next token);
+- `loss_mask` float32: 1.0 where the target is a completion token, else 0.0;
+- `segment_ids` int32: 1, 2, ... for the examples packed into the row, 0 for padding
+  (attention must not cross segments);
+- `positions` int32: position within the example (restarts at 0 for each segment).
+An example longer than `seq_len + 1` tokens keeps its first `seq_len + 1`.
+The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` resume it exactly
+(orbax saves it with `grain.checkpoint.CheckpointSave(iterator)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from neo_jax.data.records import TokenizedExample
+from neo_jax.errors import UserError
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+_PACKED_FEATURES = ("tokens", "targets", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    seq_len: int = 512
+    batch_size: int = 8  # rows per process
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    packing_bins: int = 0  # rows packed at once; 0 means batch_size
+    read_threads: int = 2
+    read_buffer: int = 64  # records read ahead
+    prefetch_batches: int = 2  # batches prepared ahead in a background thread
+    drop_remainder: bool = True
+
+    def __post_init__(self):
+        if self.seq_len < 2 or self.batch_size < 1 or self.packing_bins < 0:
+            raise UserError("seq_len must be at least 2, batch_size positive, packing_bins non-negative")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise UserError(f"num_epochs must be positive or None, got {self.num_epochs}")
+
+
+def next_token_features(record: bytes, seq_len: int) -> dict[str, np.ndarray]:
+    """One serialized example as unpacked features of length <= seq_len."""
+    example = TokenizedExample.from_bytes(record)
+    sequence = np.concatenate([example.prompt, example.completion])[: seq_len + 1]  # [len + 1]
+    is_completion = np.arange(1, sequence.size) >= example.prompt.size  # [len] target lies in the completion
+    return {"tokens": sequence[:-1], "targets": sequence[1:], "loss_mask": is_completion.astype(np.int32)}
+
+
+def _batch_layout(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """grain's packed features (`tokens_segment_ids`, ...) -> the batch keys of this module."""
+    return {"tokens": packed["tokens"], "targets": packed["targets"],
+            "loss_mask": packed["loss_mask"].astype(np.float32),
+            "segment_ids": packed["tokens_segment_ids"], "positions": packed["tokens_positions"]}
+
+
+def make_dataset(paths: Sequence[str], config: PipelineConfig, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.IterDataset:
+    """The batches of this process (`shard_index` of `shard_count`, e.g. `jax.process_index()`
+    of `jax.process_count()`)."""
+    if not 0 <= shard_index < shard_count:
+        raise UserError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
+    source = grain.sources.ArrayRecordDataSource(list(paths))
+    if len(source) < shard_count:
+        raise UserError(f"{len(source)} records cannot feed {shard_count} processes")
+    records = grain.MapDataset.source(source)[shard_index::shard_count]
+    if config.shuffle:
+        records = records.shuffle(seed=config.seed)
+    features = (records.repeat(config.num_epochs)
+                .map(lambda record: next_token_features(record, config.seq_len))
+                .to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                   prefetch_buffer_size=config.read_buffer)))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        features,
+        length_struct={name: config.seq_len for name in _PACKED_FEATURES},
+        num_packing_bins=config.packing_bins or config.batch_size,
+        seed=config.seed,
+        shuffle_bins=config.shuffle,
+    )
+    batches = packed.map(_batch_layout).batch(config.batch_size, drop_remainder=config.drop_remainder)
+    return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch_batches)
+
+
+def make_iterator(paths: Sequence[str], config: PipelineConfig, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.DatasetIterator:
+    """An iterator over `make_dataset`'s batches; checkpoint it with `get_state()`/`set_state()`."""
+    return iter(make_dataset(paths, config, shard_index, shard_count))

@@ -1,0 +1,339 @@
+"""Task examples: (prompt, completion) strings that interleave text and SIDs.
+
+Every prompt starts with a fixed header line naming the task, the target entity type
+and the output format, e.g. `task: recommend | type: product | format: ids`, which the
+decoder reads back (`parse_header`) to choose its masks. Items are written as SIDs
+(`neo_jax.vocab.format_sid`); the SID of each catalog row comes from the SID builder's
+`sids.tsv` (`load_sid_map`). Each task has several phrasings (templates) and one or more
+output formats:
+- `recommend`: history -> the next item (`ids`, `mixed` = SID then title, `text` = title);
+- `search`: query -> a relevant item (`ids`, `mixed`);
+- `sid_to_text`: SID -> the item's text; `text_to_sid`: text -> SID; `sid_to_type`: SID -> type name;
+- `user_profile`: history -> a profile sentence from the phrases the history shares;
+- `explain`: history -> a recommended item and the reason, a phrase it shares with a history item.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from neo_jax.data.loaders import read_records
+from neo_jax.data.schema import Catalog, Dataset, Queries
+from neo_jax.data.splits import LeaveOneOutSplit, SequenceExample
+from neo_jax.errors import UserError
+from neo_jax.vocab import format_sid
+
+TASKS = ("recommend", "search", "sid_to_text", "text_to_sid", "sid_to_type", "user_profile", "explain")
+OUTPUT_FORMATS = ("ids", "text", "mixed")
+ANY_TYPE = "any"  # the entity type field of tasks about a user rather than one type of item
+
+# task -> {output format: sampling weight}
+TASK_FORMATS: dict[str, dict[str, float]] = {
+    "recommend": {"ids": 0.6, "mixed": 0.3, "text": 0.1},
+    "search": {"ids": 0.7, "mixed": 0.3},
+    "sid_to_text": {"text": 1.0},
+    "text_to_sid": {"ids": 1.0},
+    "sid_to_type": {"text": 1.0},
+    "user_profile": {"text": 1.0},
+    "explain": {"mixed": 1.0},
+}
+
+# task -> phrasings; placeholders: {type} {history} {history_titled} {query} {sid} {text}
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "recommend": (
+        "The user interacted with these items, oldest first: {history}. Recommend the next {type}.",
+        "History: {history}\nWhich {type} will this user choose next?",
+        "A user enjoyed {history_titled}. Suggest one {type} they are likely to pick next.",
+    ),
+    "search": (
+        "Find a {type} for the query: {query}",
+        "Search query: \"{query}\". Return a matching {type}.",
+        "A user searches for {query}. Which {type} answers the search?",
+    ),
+    "sid_to_text": (
+        "Describe the item {sid}.",
+        "What is {sid}?",
+        "Give the catalog text of {sid}.",
+    ),
+    "text_to_sid": (
+        "Which {type} is this: {text}",
+        "Find the {type} described as: {text}",
+        "Give the ID of the {type} with this description: {text}",
+    ),
+    "sid_to_type": (
+        "What kind of entity is {sid}?",
+        "Name the entity type of {sid}.",
+        "{sid} is an item of which type?",
+    ),
+    "user_profile": (
+        "Describe the interests of a user whose history is {history}.",
+        "History: {history}\nSummarise what this user likes.",
+        "A user enjoyed {history_titled}. Write a short profile of this user.",
+    ),
+    "explain": (
+        "The user interacted with {history}. Recommend a {type} and explain why.",
+        "History: {history}\nSuggest the next {type} with a reason.",
+        "A user enjoyed {history_titled}. Which {type} should they see next, and why?",
+    ),
+}
+
+_HEADER_PATTERN = re.compile(r"^task: (\S+) \| type: (\S+) \| format: (\S+)\n")
+_PHRASE_SEPARATORS = re.compile(r"\s*(?:[;,|>]|\s-\s)\s*")
+
+
+# -- the prompt schema ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PromptHeader:
+    task: str
+    entity_type: str
+    output_format: str
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}; tasks are {list(TASKS)}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise UserError(f"unknown output format {self.output_format!r}; formats are {list(OUTPUT_FORMATS)}")
+
+    def render(self) -> str:
+        return f"task: {self.task} | type: {self.entity_type} | format: {self.output_format}\n"
+
+
+def parse_header(prompt: str) -> PromptHeader:
+    """The header of a prompt (its first line), as the decoder reads it."""
+    match = _HEADER_PATTERN.match(prompt)
+    if match is None:
+        raise UserError(f"prompt does not start with a header line "
+                        f"'task: TASK | type: TYPE | format: FORMAT': {prompt[:80]!r}")
+    return PromptHeader(*match.groups())
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskExample:
+    task: str
+    entity_type: str
+    output_format: str
+    prompt: str  # begins with the header line
+    completion: str
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+def write_examples(path: str | Path, examples: Iterable[TaskExample]) -> None:
+    with Path(path).open("w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(json.dumps(example.to_dict(), ensure_ascii=False) + "\n")
+
+
+def read_examples(path: str | Path) -> list[TaskExample]:
+    fields = [f.name for f in dataclasses.fields(TaskExample)]
+    examples = []
+    for line_number, record in read_records(path):
+        missing = [f for f in fields if not isinstance(record.get(f), str)]
+        if missing:
+            raise UserError(f"{path}:{line_number}: missing or non-string field(s) {missing}")
+        examples.append(TaskExample(**{f: record[f] for f in fields}))
+    return examples
+
+
+# -- SIDs per item ----------------------------------------------------------------------------
+
+SidMap = dict[int, tuple[str, tuple[int, ...]]]  # catalog row -> (entity type, codes)
+
+
+def load_sid_map(path: str | Path, catalog: Catalog) -> SidMap:
+    """Read `sids.tsv` (`item_id`, `entity_type`, `level_0`, `level_1`, ...; a type with fewer
+    levels leaves its last cells empty or -1). Every catalog item must have exactly one SID."""
+    path = Path(path)
+    sid_map: SidMap = {}
+    for line_number, record in read_records(path):
+        missing = [c for c in ("item_id", "entity_type", "level_0") if c not in record]
+        if missing:
+            raise UserError(f"{path}:{line_number}: missing column(s) {missing}")
+        row = catalog.row_of.get(record["item_id"])
+        if row is None:
+            raise UserError(f"{path}:{line_number}: unknown item id {record['item_id']!r} (not in the catalog)")
+        if row in sid_map:
+            raise UserError(f"{path}:{line_number}: item {record['item_id']!r} has a second SID")
+        if record["entity_type"] != catalog.type_name(row):
+            raise UserError(f"{path}:{line_number}: item {record['item_id']!r} has entity type "
+                            f"{record['entity_type']!r} here but {catalog.type_name(row)!r} in the catalog")
+        cells = [str(record[f"level_{k}"]).strip() for k in range(len(record)) if f"level_{k}" in record]
+        cells = [c for c in cells if c not in ("", "-1")]
+        if not all(c.isdigit() for c in cells):
+            raise UserError(f"{path}:{line_number}: SID codes must be non-negative integers, got {cells}")
+        sid_map[row] = (record["entity_type"], tuple(int(c) for c in cells))
+    if len(sid_map) != len(catalog):
+        missing_row = next(r for r in range(len(catalog)) if r not in sid_map)
+        raise UserError(f"{path}: no SID for {len(catalog) - len(sid_map)} catalog item(s), "
+                        f"e.g. {catalog.item_ids[missing_row]!r}")
+    return sid_map
+
+
+# -- building examples ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    tasks: tuple[str, ...] = TASKS
+    max_history: int = 20  # most recent items shown in a prompt
+    max_search_targets: int = 5  # examples per query (one per relevant item)
+    explain_fraction: float = 0.2  # share of training sequence examples also written as explanations
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise UserError(f"unknown task(s) {unknown}; tasks are {list(TASKS)}")
+        if self.max_history < 1 or self.max_search_targets < 1 or not 0.0 <= self.explain_fraction <= 1.0:
+            raise UserError("max_history and max_search_targets must be positive, explain_fraction in [0, 1]")
+
+
+class TaskBuilder:
+    """Renders task examples for one catalog and its SIDs; `rng` picks templates and formats."""
+
+    def __init__(self, catalog: Catalog, sid_map: SidMap, config: TaskConfig, rng: np.random.Generator):
+        self.catalog, self.config, self.rng = catalog, config, rng
+        rows = range(len(catalog))
+        self._sids = [format_sid(*sid_map[r]) for r in rows]
+        self._titles = [catalog.title(r) for r in rows]
+        self._phrases = [frozenset(self._item_phrases(r)) for r in rows]
+        # task -> (output formats, cumulative sampling probabilities)
+        self._format_draw = {task: (list(formats), np.cumsum(list(formats.values())) / sum(formats.values()))
+                             for task, formats in TASK_FORMATS.items()}
+
+    # items as text
+    def sid(self, row: int) -> str:
+        return self._sids[int(row)]
+
+    def _answer(self, row: int, output_format: str) -> str:
+        return {"ids": self.sid(row), "mixed": f"{self.sid(row)} {self._titles[row]}",
+                "text": self._titles[row]}[output_format]
+
+    def _item_phrases(self, row: int) -> list[str]:
+        """Short lower-case phrases of an item's text fields (categories, brand, ...), split at separators."""
+        phrases = []
+        for values in self.catalog.texts.values():
+            phrases.extend(p.lower().strip(" .") for p in _PHRASE_SEPARATORS.split(values[row])
+                           if 0 < len(p.split()) <= 3)
+        return phrases
+
+    # one example
+    def prompt(self, task: str, entity_type: str, output_format: str, template: int, **fields: str) -> str:
+        """A prompt: the header line, then the template filled with `fields`."""
+        header = PromptHeader(task, entity_type, output_format)
+        return header.render() + TEMPLATES[task][template].format(type=entity_type, **fields)
+
+    def _make(self, task: str, entity_type: str, fields: dict[str, str], answer: Callable[[str], str],
+              output_format: str | None = None, template: int | None = None) -> TaskExample:
+        """An example whose completion is `answer(output_format)`; format and template are seeded
+        random picks unless given."""
+        if output_format is None:
+            formats, cumulative = self._format_draw[task]
+            output_format = formats[min(int(np.searchsorted(cumulative, self.rng.random(), side="right")),
+                                        len(formats) - 1)]
+        if template is None:
+            template = int(self.rng.random() * len(TEMPLATES[task]))
+        return TaskExample(task, entity_type, output_format,
+                           self.prompt(task, entity_type, output_format, template, **fields),
+                           answer(output_format))
+
+    def history_fields(self, history: np.ndarray) -> dict[str, str]:
+        """The `{history}` and `{history_titled}` fields of the most recent `max_history` items."""
+        recent = history[-self.config.max_history:].tolist()
+        return {"history": ", ".join([self._sids[r] for r in recent]),
+                "history_titled": "; ".join([f"{self._sids[r]} {self._titles[r]}" for r in recent])}
+
+    # the tasks
+    def recommend(self, history: np.ndarray, target: int, output_format: str | None = None,
+                  template: int | None = None) -> TaskExample:
+        return self._make("recommend", self.catalog.type_name(target), self.history_fields(history),
+                          lambda fmt: self._answer(target, fmt), output_format, template)
+
+    def search(self, query: str, target: int) -> TaskExample:
+        return self._make("search", self.catalog.type_name(target), {"query": query},
+                          lambda fmt: self._answer(target, fmt))
+
+    def sid_to_text(self, row: int) -> TaskExample:
+        return self._make("sid_to_text", self.catalog.type_name(row), {"sid": self.sid(row)},
+                          lambda _: self.catalog.item_text(row))
+
+    def text_to_sid(self, row: int) -> TaskExample:
+        return self._make("text_to_sid", self.catalog.type_name(row), {"text": self.catalog.item_text(row)},
+                          lambda _: self.sid(row))
+
+    def sid_to_type(self, row: int) -> TaskExample:
+        return self._make("sid_to_type", self.catalog.type_name(row), {"sid": self.sid(row)},
+                          lambda _: self.catalog.type_name(row))
+
+    def user_profile(self, history: np.ndarray, disliked: np.ndarray) -> TaskExample:
+        return self._make("user_profile", ANY_TYPE, self.history_fields(history),
+                          lambda _: self.profile_text(history[-self.config.max_history:], disliked))
+
+    def explain(self, history: np.ndarray, target: int) -> TaskExample | None:
+        """The target, with the most recent history item sharing a phrase with it as the reason;
+        None if no history item shares one."""
+        recent = history[-self.config.max_history:]
+        for row in recent[::-1]:
+            shared = sorted(self._phrases[int(row)] & self._phrases[target])
+            if shared:
+                return self._make("explain", self.catalog.type_name(target), self.history_fields(recent),
+                                  lambda fmt: f"{self._answer(target, fmt)}, because the user liked "
+                                              f"{self._answer(int(row), fmt)}, which also relates to {shared[0]}.")
+        return None
+
+    def profile_text(self, history: np.ndarray, disliked: np.ndarray) -> str:
+        """Phrases shared by at least two history items (at most five, most common first), then
+        phrases of disliked items."""
+        liked = self._shared_phrases(history, min_count=2) or sorted(self._phrases[int(history[-1])])[:3]
+        text = f"This user is interested in {', '.join(liked)}."
+        avoided = [p for p in self._shared_phrases(disliked, min_count=1) if p not in liked][:3]
+        return text + (f" They dislike {', '.join(avoided)}." if avoided else "")
+
+    def _shared_phrases(self, rows: np.ndarray, min_count: int, limit: int = 5) -> list[str]:
+        counts = collections.Counter(p for r in np.asarray(rows).tolist() for p in self._phrases[r])
+        return [p for p, c in sorted(counts.items(), key=lambda pc: (-pc[1], pc[0])) if c >= min_count][:limit]
+
+
+def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: SidMap, config: TaskConfig,
+                         queries: Queries | None = None) -> list[TaskExample]:
+    """Training examples of every task in `config.tasks`, in a seeded random order.
+
+    Sequence tasks use only `split.train` and `split.train_sequences`; item tasks cover the whole
+    catalog; search uses `queries` (the training share of the dataset's queries).
+    """
+    rng = np.random.default_rng(config.seed)
+    builder = TaskBuilder(dataset.catalog, sid_map, config, rng)
+    tasks, examples = set(config.tasks), []
+    if "recommend" in tasks:
+        examples += [builder.recommend(e.history, e.target) for e in split.train]
+    if "explain" in tasks:
+        chosen = rng.random(len(split.train)) < config.explain_fraction
+        explained = (builder.explain(e.history, e.target) for e, keep in zip(split.train, chosen) if keep)
+        examples += [e for e in explained if e is not None]
+    if "search" in tasks and queries is not None:
+        for text, relevant in zip(queries.texts, queries.relevant):
+            targets = rng.permutation(relevant)[: config.max_search_targets]
+            examples += [builder.search(text, int(t)) for t in targets]
+    for task in ("sid_to_text", "text_to_sid", "sid_to_type"):
+        if task in tasks:
+            examples += [getattr(builder, task)(row) for row in range(len(dataset.catalog))]
+    if "user_profile" in tasks:
+        negatives = dataset.interactions.negatives()
+        examples += [builder.user_profile(seq, negatives[user])
+                     for user, seq in enumerate(split.train_sequences) if len(seq) >= 2]
+    return [examples[i] for i in rng.permutation(len(examples))]
+
+
+def build_eval_examples(dataset: Dataset, examples: list[SequenceExample], sid_map: SidMap,
+                        config: TaskConfig) -> list[TaskExample]:
+    """Next-item examples for validation or test: the first template, format `ids`."""
+    builder = TaskBuilder(dataset.catalog, sid_map, config, np.random.default_rng(config.seed))
+    return [builder.recommend(e.history, e.target, output_format="ids", template=0) for e in examples]
