@@ -133,6 +133,11 @@ def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
         if key not in names:
             raise ConfigError(f"unknown setting '{full}'{_nearest(key, names)}")
         kwargs[key] = _coerce(value, hints[key], full)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        names = ", ".join(f"'{where}.{m}'" if where else f"'{m}'" for m in missing)
+        raise ConfigError(f"missing required setting {names}")
     return cls(**kwargs)
 
 

@@ -62,3 +62,16 @@ def test_missing_file_and_non_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(Example, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Required:
+    hidden: int
+    layers: int = 2
+
+
+def test_missing_required_setting_is_named(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("layers: 3\n")
+    with pytest.raises(ConfigError, match=r"model.yaml: missing required setting 'hidden'"):
+        load_config(Required, path)
