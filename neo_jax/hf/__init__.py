@@ -1,0 +1,1 @@
+"""Hugging Face interop: safetensors/GGUF import into our checkpoints, and export back."""

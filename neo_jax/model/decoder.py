@@ -1,0 +1,118 @@
+"""The decoder-only transformer (Llama / Qwen2 / Qwen3) in Flax NNX.
+
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    logits, _ = model(tokens, positions, segment_ids)               # full forward (training)
+    cache = model.init_cache(batch, max_len)
+    logits, cache = model(prompt, prompt_positions, prompt_segments, cache)   # prefill
+    logits, cache = model(next_token, next_positions, None, cache)            # one step
+
+Inputs: `tokens` `[batch, len]` int32; `positions` `[batch, len]` int32 RoPE positions;
+`segment_ids` `[batch, len]` int32 or None (all ones): 0 marks padding, and packed
+examples carry distinct ids so attention never crosses them. Batched prompts are LEFT
+padded (see `neo_jax.model.kv_cache`), with positions counting from each prompt's first
+real token. Logits are float32; rows past `config.num_real_tokens` (vocabulary padding)
+are `MASKED_LOGIT`. `hidden_states` gives the final (normed) hidden states without the
+output head, for text embeddings.
+
+Parameter tree (names used by the Hugging Face key map and the sharding rules):
+`embed_tokens [vocab, embed]`, `lm_head [vocab, embed]` (None when tied),
+`final_norm.scale`, `layers[i].{input_norm, post_attention_norm}.scale`,
+`layers[i].attn.{q,k,v,o}_kernel`, `{q,k,v,o}_bias`, `{q,k}_norm.scale`,
+`layers[i].mlp.{gate,up,down}_kernel`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from neo_jax.model.config import ModelConfig
+from neo_jax.model.kv_cache import KVCache, write_at
+from neo_jax.model.layers import Attention, RMSNorm, SwiGLU, attention_mask, make_param, rope_inverse_frequencies
+
+# Logit of a vocabulary padding row: never predicted, yet finite so sums stay finite.
+MASKED_LOGIT = -1e9
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", rngs)
+        self.attn = Attention(config, rngs)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", rngs)
+        self.mlp = SwiGLU(config, rngs)
+
+    def __call__(self, x, positions, inv_freq, mask, cached_kv=None):
+        """`x` `[batch, len, embed]` -> (same shape, (keys, values) this layer attended to)."""
+        normed = self.input_norm(x)
+        keys, values = self.attn.project_kv(normed, positions, inv_freq)  # [batch, len, kv_heads, head_dim]
+        if cached_kv is not None:
+            cache_keys, cache_values, end = cached_kv
+            keys, values = write_at(cache_keys, keys, end), write_at(cache_values, values, end)
+        x = x + self.attn(normed, positions, inv_freq, keys, values, mask)
+        return x + self.mlp(self.post_attention_norm(x)), (keys, values)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
+        normal = nnx.initializers.normal(config.initializer_range)
+        self.embed_tokens = make_param(rngs, normal, (config.vocab_size, config.hidden_size), ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", rngs)
+        self.lm_head = None if config.tie_word_embeddings else make_param(
+            rngs, normal, (config.vocab_size, config.hidden_size), ("vocab", "embed"))
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.config.dtype)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens (prompt included)."""
+        c = self.config
+        return KVCache.create(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.compute_dtype)
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final normed hidden states `[batch, len, embed]` and the updated cache (None without one)."""
+        batch, length = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        new_slots = jnp.arange(length, dtype=jnp.int32)[None, :]  # [1, len]
+        if cache is None:
+            query_slots = jnp.broadcast_to(new_slots, (batch, length))
+            key_segments, key_slots = segment_ids, query_slots
+        else:
+            query_slots = cache.end[:, None] + new_slots  # [batch, len]
+            key_segments = write_at(cache.segment_ids, segment_ids, cache.end)  # [batch, max_len]
+            key_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), key_segments.shape)
+        mask = attention_mask(segment_ids, query_slots, key_segments, key_slots)  # [batch, len, keys]
+        inv_freq = rope_inverse_frequencies(self.config)
+
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.compute_dtype)  # [batch, len, embed]
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            cached_kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
+            x, (keys, values) = layer(x, positions, inv_freq, mask, cached_kv)
+            new_keys.append(keys)
+            new_values.append(values)
+        hidden = self.final_norm(x)
+        if cache is None:
+            return hidden, None
+        return hidden, KVCache(keys=tuple(new_keys), values=tuple(new_values), segment_ids=key_segments,
+                               end=cache.end + length)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits `[batch, len, vocab]` of hidden states `[batch, len, embed]`."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        logits = jnp.einsum("btd,vd->btv", hidden, head[...].astype(hidden.dtype)).astype(jnp.float32)
+        real = self.config.predictable_tokens
+        if real < self.config.vocab_size:
+            logits = jnp.where(jnp.arange(self.config.vocab_size) < real, logits, MASKED_LOGIT)
+        return logits
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """`(logits [batch, len, vocab] float32, updated cache or None)`."""
+        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+        return self.logits(hidden), cache

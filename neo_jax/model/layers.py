@@ -1,0 +1,146 @@
+"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (see
+`neo_jax.sharding`); each layer casts them to the compute dtype when it runs.
+Kernels are stored as `[in, out...]` (a Hugging Face `Linear.weight` transposed, with
+the head dimensions split out): q `[embed, heads, head_dim]`, o `[heads, head_dim, embed]`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from neo_jax.model.config import ModelConfig
+
+# Score of a masked (query, key) pair: finite, so a row with no visible key (a padding
+# query) gives a uniform softmax instead of NaN.
+_MASKED_SCORE = -1e30
+
+
+def make_param(rngs: nnx.Rngs, initializer, shape: tuple[int, ...], logical_axes: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(initializer(rngs.params(), shape, jnp.float32), logical_axes=logical_axes)
+
+
+class RMSNorm(nnx.Module):
+    """`x / sqrt(mean(x^2) + eps) * scale`, normalised in float32 (as Hugging Face does)."""
+
+    def __init__(self, dim: int, eps: float, logical_axis: str | None, rngs: nnx.Rngs):
+        self.scale = make_param(rngs, nnx.initializers.ones, (dim,), (logical_axis,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., dim]
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """`[head_dim // 2]` float32 inverse frequencies, with Llama 3 scaling if configured."""
+    exponents = np.arange(0, config.head_dim, 2, dtype=np.float32) / np.float32(config.head_dim)
+    inv_freq = (1.0 / np.float32(config.rope_theta) ** exponents).astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # Llama 3: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
+    wavelen = 2 * np.pi / inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate `x` `[batch, len, heads, head_dim]` by `positions` `[batch, len]` (rotate-half layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, len, head_dim/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [batch, len, 1, head_dim]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(query_segments: jax.Array, query_slots: jax.Array,
+                   key_segments: jax.Array, key_slots: jax.Array) -> jax.Array:
+    """`[batch, queries, keys]` bool: the key is at or before the query, in the same segment, and not padding.
+
+    Segment id 0 marks padding (and empty cache slots); packed examples carry distinct ids
+    so attention never crosses them. Slots are indices in the key sequence (cache slots).
+    """
+    causal = key_slots[:, None, :] <= query_slots[:, :, None]  # [batch, queries, keys]
+    same_segment = key_segments[:, None, :] == query_segments[:, :, None]
+    return causal & same_segment & (key_segments[:, None, :] != 0)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional q/k/v/o biases and q/k RMSNorm."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        normal, zeros = nnx.initializers.normal(config.initializer_range), nnx.initializers.zeros
+        self.q_kernel = make_param(rngs, normal, (d, h, hd), ("embed", "heads", "head_dim"))
+        self.k_kernel = make_param(rngs, normal, (d, k, hd), ("embed", "kv_heads", "head_dim"))
+        self.v_kernel = make_param(rngs, normal, (d, k, hd), ("embed", "kv_heads", "head_dim"))
+        self.o_kernel = make_param(rngs, normal, (h, hd, d), ("heads", "head_dim", "embed"))
+        qkv_bias = config.qkv_bias
+        self.q_bias = make_param(rngs, zeros, (h, hd), ("heads", "head_dim")) if qkv_bias else None
+        self.k_bias = make_param(rngs, zeros, (k, hd), ("kv_heads", "head_dim")) if qkv_bias else None
+        self.v_bias = make_param(rngs, zeros, (k, hd), ("kv_heads", "head_dim")) if qkv_bias else None
+        self.o_bias = make_param(rngs, zeros, (d,), ("embed",)) if config.o_bias else None
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps, "head_dim", rngs) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps, "head_dim", rngs) if config.qk_norm else None
+        self.num_kv_heads = k
+        self.scale = hd ** -0.5
+
+    def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
+        out = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(x.dtype))  # [batch, len, heads, head_dim]
+        return out if bias is None else out + bias[...].astype(x.dtype)
+
+    def project_kv(self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """Keys (rotated) and values `[batch, len, kv_heads, head_dim]` of the new tokens."""
+        keys = self._project(x, self.k_kernel, self.k_bias)
+        if self.k_norm is not None:
+            keys = self.k_norm(keys)
+        return apply_rope(keys, positions, inv_freq), self._project(x, self.v_kernel, self.v_bias)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, keys: jax.Array,
+                 values: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attend from `x` `[batch, len, embed]` to `keys`/`values` `[batch, keys, kv_heads, head_dim]`.
+
+        `mask` is `[batch, len, keys]` (see `attention_mask`).
+        """
+        queries = self._project(x, self.q_kernel, self.q_bias)  # [batch, len, heads, head_dim]
+        if self.q_norm is not None:
+            queries = self.q_norm(queries)
+        queries = apply_rope(queries, positions, inv_freq)
+        b, t, h, hd = queries.shape
+        grouped = queries.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, hd)  # [b, t, kv, group, hd]
+        scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys.astype(x.dtype),
+                            preferred_element_type=jnp.float32) * self.scale  # [b, kv, group, t, keys]
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+        weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        attended = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(x.dtype)).reshape(b, t, h, hd)
+        out = jnp.einsum("bthk,hkd->btd", attended, self.o_kernel[...].astype(x.dtype))  # [batch, len, embed]
+        return out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """`down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        normal = nnx.initializers.normal(config.initializer_range)
+        self.gate_kernel = make_param(rngs, normal, (d, f), ("embed", "mlp"))
+        self.up_kernel = make_param(rngs, normal, (d, f), ("embed", "mlp"))
+        self.down_kernel = make_param(rngs, normal, (f, d), ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [batch, len, embed]
+        gate = x @ self.gate_kernel[...].astype(x.dtype)  # [batch, len, mlp]
+        up = x @ self.up_kernel[...].astype(x.dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_kernel[...].astype(x.dtype)
