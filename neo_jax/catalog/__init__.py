@@ -1,0 +1,1 @@
+"""From a catalog to semantic IDs: item embeddings, quantisation, collisions and the SID trie."""
