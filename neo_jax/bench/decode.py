@@ -1,0 +1,240 @@
+"""`neo-jax bench decode`: the cost of the on-device SID constraint in jitted beam search.
+
+For each catalog size (synthetic SIDs of one entity type, default 10k, 1M and 10M items of 4
+levels of 256 codes) one random decoder runs the same beam search loop three ways on the same
+prefilled prompts, in ID mode (`[SID]`, one item's codes, `[/SID]`, EOS):
+- `constrained`: `SidConstraint`, the trie as device arrays (one gather and one mask a step);
+- `unconstrained`: `Unconstrained`, the no-op constraint in the same loop;
+- `host_trie`: `HostTrieConstraint`, a Python dict trie consulted on the host every step
+  through `jax.pure_callback`, as `prefix_allowed_tokens_fn` users do (skipped above
+  `--host-trie-max-items`: building the dict takes minutes and gigabytes).
+Time per step is a run's wall time (after a compiling warm-up, median of `--repeats`) over the
+loop iterations it ran; the prefill is not timed. `*_overhead_ms_per_step` is a constrained
+run's time per step minus the unconstrained one's: the constraint's own cost in the loop.
+`invalid_items` counts decoded SIDs of the constrained run that name no catalog item (must be 0).
+
+At the smallest size, unless `--no-torch`, the same weights are exported as a Hugging Face
+model and decoded by transformers `generate(num_beams, prefix_allowed_tokens_fn)` with the
+host trie; `hf_topk_agreement` is the share of prompts whose top-K item sets match ours.
+The text vocabulary is sized so the layout has no padding rows, which transformers could
+not mask. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from neo_jax.bench.host_trie import HostTrie, HostTrieConstraint
+from neo_jax.bench.model import PRESETS, random_weights, usable_cores
+from neo_jax.bench.trie import synthetic_codes
+from neo_jax.catalog.table import SidTrie, build_trie
+from neo_jax.checkpoint import abstract_decoder, save_model
+from neo_jax.decode.beam_search import beam_search
+from neo_jax.decode.constraint import Constraint, SidConstraint, SidTables, Unconstrained, sid_requests
+from neo_jax.decode.generate import decoder_step, pack_prompts, prefill, split_sids
+from neo_jax.decode.state import DecodeResult
+from neo_jax.errors import UserError
+from neo_jax.model import Decoder
+from neo_jax.sharding import add_mesh_arguments, load_sharded, mesh_from_arguments
+from neo_jax.vocab import DEFAULT_SPECIALS, EntityType, VocabLayout
+
+EOS_ID = 0  # a text token of the random model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--items", default="10000,1000000,10000000",
+                        help="comma-separated catalog sizes (default 10000,1000000,10000000)")
+    parser.add_argument("--levels", type=int, default=4, help="SID levels (default 4)")
+    parser.add_argument("--codebook-size", type=int, default=256, help="codes per level (default 256)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                        help="decoder shape, random weights (default small)")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per batch (default 4)")
+    parser.add_argument("--beams", type=int, default=8, help="beam size (default 8)")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per random prompt (default 32)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the median counts (default 3)")
+    parser.add_argument("--host-trie-max-items", type=int, default=1_000_000,
+                        help="largest catalog for the host-side trie baseline (default 1000000)")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip the transformers generate(prefix_allowed_tokens_fn) comparison")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and SIDs")
+    add_mesh_arguments(parser)
+
+
+def bench_layout(text_vocab: int, levels: int, codebook_size: int) -> VocabLayout:
+    """One entity type `item`; text ids fill the preset's vocabulary minus the specials."""
+    return VocabLayout(text_size=text_vocab - len(DEFAULT_SPECIALS),
+                       entity_types=(EntityType("item", (codebook_size,) * levels),), pad_multiple=1)
+
+
+def bench_model(args: argparse.Namespace, layout: VocabLayout, mesh) -> Decoder:
+    config = dataclasses.replace(PRESETS[args.preset], vocab_size=layout.size, initializer_range=0.2,
+                                 eos_token_id=EOS_ID, max_position_embeddings=args.prompt_len + args.levels + 3)
+    return load_sharded(abstract_decoder(config), random_weights(config, args.seed), mesh)
+
+
+prefill_cache = nnx.jit(prefill, static_argnames="max_new_tokens")
+
+
+@nnx.jit(static_argnames=("beams", "max_new_tokens", "eos_id"))
+def search(model: Decoder, cache, last, lengths, constraint: Constraint, beams: int, max_new_tokens: int,
+           eos_id: int) -> DecodeResult:
+    return beam_search(decoder_step(model), cache, last, lengths, constraint=constraint, beam_size=beams,
+                       max_new_tokens=max_new_tokens, eos_id=eos_id)
+
+
+def ms_per_step(run, repeats: int, label: str) -> tuple[float, DecodeResult]:
+    """Median wall milliseconds per loop iteration over `repeats` runs, after one compiling run."""
+    result = jax.block_until_ready(run())
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        result = jax.block_until_ready(run())
+        times.append((time.perf_counter() - start) * 1e3 / max(int(result.steps), 1))
+        print(f"bench decode: {label}: run {i + 1}/{repeats}, {times[-1]:.3f} ms/step", file=sys.stderr, flush=True)
+    return statistics.median(times), result
+
+
+def item_rows(result: DecodeResult, layout: VocabLayout, trie: SidTrie) -> tuple[list[list[int | None]], int]:
+    """Per prompt, the catalog row of each finished beam's SID (None: no such item); and the count of Nones."""
+    rows, invalid = [], 0
+    tokens, lengths, finished = np.asarray(result.tokens), np.asarray(result.lengths), np.asarray(result.finished)
+    for b in range(tokens.shape[0]):
+        found = []
+        for k in np.flatnonzero(finished[b]):
+            for piece in split_sids(tokens[b, k, : lengths[b, k]].tolist(), layout, trie):
+                if not isinstance(piece, tuple):
+                    found.append(piece.row)
+                    invalid += piece.row is None
+        rows.append(found)
+    return rows, invalid
+
+
+def bench_catalog(args, model: Decoder, layout: VocabLayout, n_items: int, prompts, mesh) -> dict:
+    start = time.perf_counter()
+    codes = synthetic_codes(n_items, args.levels, args.codebook_size, args.seed)
+    trie = build_trie(codes, np.zeros(n_items, np.int32), (args.levels,))
+    tables = SidTables.from_trie(trie, layout)
+    requests = sid_requests(trie, layout, tables, entity_types=[None] * args.batch,
+                            output_formats=["ids"] * args.batch, beam_size=args.beams)
+    constrained = SidConstraint.create(tables, requests, layout, EOS_ID)
+    print(f"bench decode: {n_items} items: trie of {trie.num_nodes} nodes ready in "
+          f"{time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+
+    max_new_tokens = args.levels + 3
+    cache = prefill_cache(model, prompts.tokens, prompts.segment_ids, prompts.positions, max_new_tokens)
+    last, lengths = prompts.tokens[:, -1], prompts.lengths
+
+    def timed(constraint: Constraint, label: str, eos_id: int = EOS_ID) -> tuple[float, DecodeResult]:
+        return ms_per_step(lambda: search(model, cache, last, lengths, constraint, args.beams, max_new_tokens,
+                                          eos_id), args.repeats, f"{n_items} items, {label}")
+
+    # Every ID-mode beam ends at step `max_new_tokens`; the unconstrained run gets an EOS id no
+    # token has, so it also runs exactly `max_new_tokens` steps.
+    constrained_ms, constrained_result = timed(constrained, "constrained")
+    unconstrained_ms, unconstrained_result = timed(Unconstrained(layout.size), "unconstrained", eos_id=-1)
+    if int(constrained_result.steps) != int(unconstrained_result.steps):
+        raise AssertionError(f"the runs took {int(constrained_result.steps)} and "
+                             f"{int(unconstrained_result.steps)} steps; the comparison needs equal counts")
+    rows, invalid = item_rows(constrained_result, layout, trie)
+    out = {"items": n_items, "num_nodes": trie.num_nodes, "max_children": trie.max_children,
+           "steps_per_run": int(constrained_result.steps),
+           "constrained_ms_per_step": round(constrained_ms, 4), "unconstrained_ms_per_step": round(unconstrained_ms, 4),
+           "overhead_ratio": round(constrained_ms / unconstrained_ms, 4), "invalid_items": invalid,
+           "constraint_overhead_ms_per_step": round(constrained_ms - unconstrained_ms, 4),
+           "items_decoded": sum(len(r) for r in rows), "host_trie_ms_per_step": None, "speedup_vs_host_trie": None,
+           "host_trie_overhead_ms_per_step": None}
+    host_trie = None
+    if n_items <= args.host_trie_max_items:
+        start = time.perf_counter()
+        host_trie = HostTrie(trie, layout, EOS_ID)
+        print(f"bench decode: {n_items} items: host dict trie built in {time.perf_counter() - start:.1f}s",
+              file=sys.stderr, flush=True)
+        host_ms, _ = timed(HostTrieConstraint(host_trie), "host trie")
+        out.update(host_trie_ms_per_step=round(host_ms, 4), speedup_vs_host_trie=round(host_ms / constrained_ms, 2),
+                   host_trie_overhead_ms_per_step=round(host_ms - unconstrained_ms, 4))
+    return out, trie, host_trie, rows
+
+
+def hf_comparison(model: Decoder, layout: VocabLayout, trie: SidTrie, host_trie: HostTrie, prompts,
+                  our_rows: list[list[int | None]], beams: int, levels: int, mesh) -> dict:
+    """Decode the same exported weights with transformers beam search and the host trie; compare top-K items."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise UserError(f"the comparison needs torch and transformers ({e}); install them with "
+                        "`pip install -e .[test]` or pass --no-torch") from None
+    from neo_jax.hf.export_hf import export_checkpoint
+
+    torch.set_num_threads(usable_cores())
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(Path(tmp) / "ckpt", model)
+        export_checkpoint(Path(tmp) / "ckpt", Path(tmp) / "hf", mesh)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+    agree, seconds, steps = 0, 0.0, 0
+    for b in range(prompts.tokens.shape[0]):
+        prompt = prompts.tokens[b, prompts.tokens.shape[1] - prompts.lengths[b]:]
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.as_tensor(prompt[None], dtype=torch.long), num_beams=beams, num_return_sequences=beams,
+                max_new_tokens=levels + 3, do_sample=False, length_penalty=0.0, early_stopping=True,
+                eos_token_id=EOS_ID, pad_token_id=EOS_ID,
+                prefix_allowed_tokens_fn=lambda _, ids: host_trie.allowed(ids[len(prompt):].tolist()))
+        seconds += time.perf_counter() - start
+        steps += out.shape[1] - len(prompt)
+        hf_rows = {p.row for seq in out[:, len(prompt):].tolist()
+                   for p in split_sids([t for t in seq if t != EOS_ID], layout, trie) if not isinstance(p, tuple)}
+        agree += hf_rows == set(our_rows[b])
+        print(f"bench decode: transformers: prompt {b + 1}/{prompts.tokens.shape[0]}", file=sys.stderr, flush=True)
+    return {"hf_topk_agreement": round(agree / prompts.tokens.shape[0], 4),
+            "hf_ms_per_step": round(seconds * 1e3 / max(steps, 1), 4), "hf_prompts": int(prompts.tokens.shape[0]),
+            "transformers_version": transformers.__version__}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        sizes = [int(s) for s in args.items.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--items must be comma-separated integers, got {args.items!r}") from None
+    if not sizes or min(sizes) < 1 or min(args.batch, args.beams, args.repeats, args.prompt_len) < 1:
+        raise UserError("--items, --batch, --beams, --repeats and --prompt-len must be positive")
+    if args.beams > min(sizes):
+        raise UserError(f"--beams {args.beams} is larger than the smallest catalog ({min(sizes)} items)")
+    mesh = mesh_from_arguments(args)
+    layout = bench_layout(PRESETS[args.preset].vocab_size, args.levels, args.codebook_size)
+    model = bench_model(args, layout, mesh)
+    rng = np.random.default_rng(args.seed)
+    prompt_ids = rng.integers(1, layout.text_size, (args.batch, args.prompt_len)).tolist()
+    prompts = pack_prompts(prompt_ids, max_context=model.config.max_position_embeddings,
+                           max_new_tokens=args.levels + 3, vocab_limit=layout.size)
+
+    result = {"benchmark": "decode", "preset": args.preset, "batch": args.batch, "beams": args.beams,
+              "levels": args.levels, "codebook_size": args.codebook_size, "prompt_len": args.prompt_len,
+              "vocab_size": layout.size, "devices": len(mesh.devices.flat), "platform": jax.devices()[0].platform,
+              "catalogs": []}
+    for n_items in sorted(sizes):
+        row, trie, host_trie, our_rows = bench_catalog(args, model, layout, n_items, prompts, mesh)
+        if not args.no_torch and n_items == min(sizes):
+            if host_trie is None:
+                host_trie = HostTrie(trie, layout, EOS_ID)
+            row.update(hf_comparison(model, layout, trie, host_trie, prompts, our_rows, args.beams, args.levels, mesh))
+        result["catalogs"].append(row)
+    per_step = [c["constrained_ms_per_step"] for c in result["catalogs"]]
+    result["max_overhead_ratio"] = max(c["overhead_ratio"] for c in result["catalogs"])
+    result["constrained_ms_per_step_growth"] = round(max(per_step) / min(per_step), 4)
+    result["invalid_items"] = sum(c["invalid_items"] for c in result["catalogs"])
+    json.dump(result, sys.stdout)
+    print()
+    return 0

@@ -1,0 +1,120 @@
+"""`neo-jax generate`: decode prompts with a checkpoint; every SID comes back as a catalog item.
+
+    neo-jax generate --ckpt CKPT --sids SIDS_DIR [--data DATA_DIR] \
+        --prompt $'task: recommend | type: product | format: ids\nHistory: ...' [--beams 8]
+    neo-jax generate --ckpt CKPT --sids SIDS_DIR --prompts requests.jsonl
+
+Prints one JSON line per prompt: `{"prompt", "beams": [{"text", "raw", "items": [{"id",
+"type", "title"}], "score", "log_prob", "finished"}]}`, beams best first. A requests file
+holds one JSON object a line: `prompt` and optionally `exclude` (item ids not to name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from neo_jax.catalog.sid_output import load_sid_output
+from neo_jax.checkpoint import TOKENIZER, load_model, load_vocab_layout
+from neo_jax.data.loaders import load_items, read_records
+from neo_jax.decode.generate import DecodeSettings, Generator
+from neo_jax.errors import UserError
+from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
+from neo_jax.tokenizer import MixedTokenizer, load_text_tokenizer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (model_config.json, params/)")
+    parser.add_argument("--sids", required=True, help="output directory of `neo-jax sids build` (trie, sids.tsv)")
+    parser.add_argument("--data", default=None, help="data directory whose items file gives titles (optional)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="MixedTokenizer directory (default: CKPT/tokenizer with CKPT's vocabulary layout)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    source.add_argument("--prompts", help="JSONL file: one {\"prompt\": ..., \"exclude\": [item ids]} a line")
+    parser.add_argument("--method", choices=("beam", "sample"), default="beam", help="beam search or sampling")
+    parser.add_argument("--beams", type=int, default=4, help="beams (or samples) per prompt (default 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
+    parser.add_argument("--alpha", type=float, default=0.0, help="beam search length penalty (default 0)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--type", action="append", dest="types", default=None,
+                        help="entity type a prompt without a task header may name (repeat; default all)")
+    parser.add_argument("--format", choices=("ids", "text", "mixed"), default="mixed",
+                        help="output format of prompts without a task header (default mixed)")
+    parser.add_argument("--exclude", action="append", default=None, help="item id no prompt may name (repeat)")
+    parser.add_argument("--in-stock", default=None, help="file of the only item ids that may be named, one a line")
+    parser.add_argument("--unconstrained", action="store_true", help="turn the SID constraint off (for comparison)")
+    add_mesh_arguments(parser)
+
+
+def read_requests(args: argparse.Namespace) -> tuple[list[str], list[list[str]]]:
+    """Prompts and, per prompt, the item ids it must not name."""
+    if args.prompt is not None:
+        return list(args.prompt), [list(args.exclude or []) for _ in args.prompt]
+    prompts, excluded = [], []
+    for line_number, record in read_records(args.prompts):
+        if not isinstance(record.get("prompt"), str):
+            raise UserError(f"{args.prompts}:{line_number}: needs a string field 'prompt'")
+        exclude = record.get("exclude", [])
+        if not isinstance(exclude, list) or not all(isinstance(i, str) for i in exclude):
+            raise UserError(f"{args.prompts}:{line_number}: 'exclude' must be a list of item id strings")
+        prompts.append(record["prompt"])
+        excluded.append(exclude + list(args.exclude or []))
+    return prompts, excluded
+
+
+def load_tokenizer(args: argparse.Namespace) -> MixedTokenizer:
+    if args.tokenizer is not None:
+        return MixedTokenizer.load(args.tokenizer)
+    ckpt = Path(args.ckpt)
+    layout = load_vocab_layout(ckpt)
+    if layout is None or not (ckpt / TOKENIZER).is_dir():
+        raise UserError(f"{ckpt}: no vocab_layout.json and {TOKENIZER}/ to build the tokenizer from; "
+                        "pass --tokenizer")
+    return MixedTokenizer(load_text_tokenizer(ckpt / TOKENIZER), layout)
+
+
+def read_item_ids(path: str) -> list[str]:
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise UserError(f"{path}: in-stock item file not found") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts, excluded = read_requests(args)
+    settings = DecodeSettings(args.method, args.max_new_tokens, args.beams, args.alpha, args.temperature,
+                              args.top_k, args.top_p)
+    settings.check()
+    tokenizer = load_tokenizer(args)
+    mesh = mesh_from_arguments(args)
+    model = load_model(args.ckpt, mesh)
+    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
+    if eos_id is None:
+        raise UserError("neither the tokenizer nor the model config names an EOS token")
+    eos_id = eos_id[0] if isinstance(eos_id, tuple) else eos_id
+    titles = None
+    if args.data is not None:
+        catalog = load_items(_items_file(Path(args.data)))
+        titles = {item_id: catalog.title(row) for row, item_id in enumerate(catalog.item_ids)}
+    generator = Generator(model, tokenizer, load_sid_output(args.sids), int(eos_id), titles, mesh)
+    beams = generator.generate(prompts, settings, excluded_ids=excluded,
+                               allowed_ids=None if args.in_stock is None else read_item_ids(args.in_stock),
+                               default_types=args.types, default_format=args.format,
+                               constrained=not args.unconstrained, seed=args.seed)
+    for prompt, continuations in zip(prompts, beams):
+        json.dump({"prompt": prompt, "beams": [c.to_dict() for c in continuations]}, sys.stdout, ensure_ascii=False)
+        print()
+    return 0
+
+
+def _items_file(data_dir: Path) -> Path:
+    for name in ("items.jsonl", "items.tsv"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise UserError(f"{data_dir}: no items.jsonl or items.tsv to read titles from")

@@ -1,0 +1,52 @@
+"""`neo-jax bench decode`: one JSON object, every decoded item valid, the host trie agrees. No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from neo_jax import cli
+from neo_jax.bench.host_trie import HostTrie
+from neo_jax.bench.trie import synthetic_codes
+from neo_jax.catalog.table import build_trie
+from neo_jax.vocab import EntityType, VocabLayout
+
+SMALL = ["--preset", "tiny", "--levels", "2", "--codebook-size", "16", "--batch", "2", "--beams", "3",
+         "--prompt-len", "4", "--repeats", "1"]
+
+
+def test_bench_decode_prints_one_json_object_with_valid_items(capsys):
+    assert cli.main(["bench", "decode", "--items", "40,200", "--host-trie-max-items", "40", *SMALL]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["invalid_items"] == 0 and [c["items"] for c in result["catalogs"]] == [40, 200]
+    for row in result["catalogs"]:
+        assert row["items_decoded"] == 2 * 3  # ID mode: every beam names one item
+        assert row["steps_per_run"] == 2 + 3  # [SID], two codes, [/SID], EOS
+        assert row["constrained_ms_per_step"] > 0 and row["unconstrained_ms_per_step"] > 0
+    small, large = result["catalogs"]
+    assert small["host_trie_ms_per_step"] > 0 and large["host_trie_ms_per_step"] is None  # skipped above the limit
+    assert 0.0 <= small["hf_topk_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--items", "ten"], "--items must be comma-separated integers"),
+    (["--items", "2"], "--beams 3 is larger than the smallest catalog (2 items)"),
+])
+def test_bench_decode_rejects_bad_flags(capsys, argv, message):
+    assert cli.main(["bench", "decode", *SMALL, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_host_trie_allows_exactly_the_catalog_prefixes():
+    layout = VocabLayout(8, (EntityType("item", (4, 4)),))
+    codes = synthetic_codes(6, 2, 4, seed=1)
+    trie = build_trie(codes, np.zeros(6, np.int32), (2,))
+    host = HostTrie(trie, layout, eos_id=1)
+    first = {layout.sid_token("item", 0, int(c)) for c in codes[:, 0]}
+    assert host.allowed([]) == [layout.sid_open_id]
+    assert set(host.allowed([layout.sid_open_id])) == first
+    item = [layout.sid_token("item", level, int(c)) for level, c in enumerate(codes[0])]
+    assert host.allowed([layout.sid_open_id, *item]) == [layout.sid_close_id]
+    assert host.allowed([layout.sid_open_id, *item, layout.sid_close_id]) == [1]
