@@ -17,12 +17,19 @@ from neo_jax.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("neo_jax.hf.commands_import", "import a Hugging Face (safetensors) or GGUF checkpoint"),
     "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
+    "tokenizer": ("neo_jax.tokenizer.commands", "build a mixed text + SID tokenizer directory"),
     "plot": ("neo_jax.plot", "write PNG training curves of a run directory"),
+    "data": ("neo_jax.data.commands", "generate, check and split datasets; write task examples and ArrayRecord shards"),
+    "train": ("neo_jax.train.commands", "train a stage (SID grounding or instruction tuning) on a device mesh"),
+    "sids": ("neo_jax.catalog.commands", "build semantic IDs and the SID trie for a catalog (`sids build`)"),
+    "generate": ("neo_jax.decode.commands", "decode prompts with SID-constrained beam search or sampling"),
 }
 
 # name -> (module, one-line help) for `neo-jax bench NAME`
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "model": ("neo_jax.bench.model", "train-step tokens/s and MFU, against transformers + torch"),
+    "trie": ("neo_jax.bench.trie", "SID trie build time, bytes and peak memory for a synthetic N-item catalog"),
+    "decode": ("neo_jax.bench.decode", "constrained vs unconstrained vs host-trie beam search ms/step by catalog size"),
 }
 
 

@@ -1,0 +1,190 @@
+"""`TrainConfig`: everything one `neo-jax train` run needs, read from YAML plus `key=value` overrides.
+
+The checks here run before any device work: `check_settings` needs only the config
+and the file system; `check_against_mesh` needs the mesh shape and process count. Each
+failure is one `UserError` line naming the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from neo_jax.config import MeshConfig
+from neo_jax.data.records import record_paths
+from neo_jax.errors import UserError
+from neo_jax.train.distributed import DistributedConfig
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where the weights start: exactly one of a model checkpoint or a new random model.
+
+    `checkpoint` is a previous stage's `RUN_DIR/final`, or what `neo-jax import-hf`
+    wrote (extended to `data.tokenizer`'s vocabulary layout when training starts).
+    `model_config` is a `ModelConfig` YAML (e.g. configs/model_tiny.yaml) for a random
+    model seeded by `seed`; its `vocab_size` is replaced by the tokenizer's padded
+    vocabulary. A run that finds its own checkpoints
+    in `RUN_DIR/checkpoints` resumes from them instead.
+    """
+
+    checkpoint: str | None = None
+    model_config: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """ArrayRecord shards written by `neo-jax data records`, and how they are read.
+
+    The global batch is the concatenation of `num_shards` equal parts, part i packed from
+    every num_shards-th record starting at i; each process reads `num_shards / processes`
+    consecutive parts. So the batches depend on `num_shards`, never on the process count.
+    """
+
+    records_dir: str = ""
+    train_split: str = "train"
+    valid_split: str = "valid"
+    tokenizer: str | None = None  # MixedTokenizer directory; gives the vocabulary of a random model
+    num_shards: int | None = None  # default: the number of processes
+    shuffle: bool = True
+    packing_bins: int = 0  # rows packed at once per shard; 0: the shard's rows per batch
+    read_threads: int = 2
+    prefetch_batches: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW, linear warm-up then cosine decay to `end_lr_ratio * learning_rate`, global-norm clipping."""
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices only (not norm scales or biases)
+    clip_norm: float = 1.0  # 0 turns clipping off
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the named projections (instruct stage); rank 0 trains the full model."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "gate_kernel", "up_kernel",
+                                "down_kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 200
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 200  # 0 turns validation off
+    batches: int = 4  # validation batches per evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = ""
+    stage: Literal["grounding", "instruct"] = "instruct"
+    init: InitConfig = InitConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lora: LoraConfig = LoraConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    steps: int = 1000
+    batch_size: int = 8  # sequences per optimizer step, over all processes
+    seq_len: int = 512
+    grad_accum_steps: int = 1  # the batch is split into this many micro-batches
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # weights stay float32
+    seed: int = 0
+    log_every: int = 10
+    mfu: bool = True  # measure this machine's matmul FLOP/s once and report MFU
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+
+def _positive(config: TrainConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = config
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+
+
+def check_settings(config: TrainConfig) -> None:
+    """Checks that need only the config and the file system."""
+    if not config.run_dir:
+        raise UserError("run_dir is not set; give the directory for checkpoints and metrics")
+    _positive(config, ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every",
+                       "checkpoint.every_steps", "checkpoint.keep", "eval.batches"))
+    if config.batch_size % config.grad_accum_steps:
+        raise UserError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps "
+                        f"{config.grad_accum_steps}")
+    if config.seq_len < 2:
+        raise UserError(f"seq_len must be at least 2, got {config.seq_len}")
+    opt = config.optimizer
+    if opt.learning_rate <= 0 or opt.warmup_steps < 0 or not 0 <= opt.end_lr_ratio <= 1 or opt.clip_norm < 0:
+        raise UserError("optimizer: learning_rate must be positive, warmup_steps and clip_norm non-negative, "
+                        f"end_lr_ratio in [0, 1]; got {opt}")
+    if config.lora.rank < 0:
+        raise UserError(f"lora.rank must be non-negative, got {config.lora.rank}")
+    if config.lora.rank and config.stage != "instruct":
+        raise UserError(f"lora.rank={config.lora.rank} needs stage=instruct: the {config.stage} stage "
+                        "keeps every non-SID weight unchanged")
+    if config.data.num_shards is not None and config.data.num_shards < 1:
+        raise UserError(f"data.num_shards must be at least 1, got {config.data.num_shards}")
+    init = config.init
+    if (init.checkpoint is None) == (init.model_config is None):
+        raise UserError("set exactly one of init.checkpoint (a model checkpoint directory) and init.model_config "
+                        "(the model YAML of a new random model)")
+    if init.checkpoint is not None and not Path(init.checkpoint).is_dir():
+        raise UserError(f"init.checkpoint: {init.checkpoint} does not exist")
+    if init.model_config is not None and not Path(init.model_config).is_file():
+        raise UserError(f"init.model_config: {init.model_config} does not exist")
+    if init.model_config is not None and config.data.tokenizer is None:
+        raise UserError("data.tokenizer is not set; a random model takes its vocabulary from the tokenizer")
+    if config.data.tokenizer is not None and not Path(config.data.tokenizer).is_dir():
+        raise UserError(f"data.tokenizer: {config.data.tokenizer} does not exist")
+    if not config.data.records_dir:
+        raise UserError("data.records_dir is not set; give the output directory of `neo-jax data records`")
+    if not Path(config.data.records_dir).is_dir():
+        raise UserError(f"data.records_dir: {config.data.records_dir} does not exist")
+    splits = {"data.train_split": config.data.train_split}
+    if config.eval.every_steps:
+        splits["data.valid_split"] = config.data.valid_split
+    for setting, split in splits.items():
+        try:
+            record_paths(config.data.records_dir, split)
+        except UserError as e:
+            raise UserError(f"{setting}: {e}") from None
+
+
+def num_data_shards(config: TrainConfig, process_count: int) -> int:
+    return config.data.num_shards or process_count
+
+
+def check_against_mesh(config: TrainConfig, mesh_shape: dict[str, int], process_count: int) -> None:
+    """Checks that need the mesh axis sizes and the process count (still before compiling)."""
+    data_ways = mesh_shape["data"] * mesh_shape["fsdp"]
+    if config.micro_batch_size % data_ways:
+        raise UserError(f"batch_size {config.batch_size} (micro-batch {config.micro_batch_size} after "
+                        f"grad_accum_steps {config.grad_accum_steps}) is not divisible by the data axes "
+                        f"mesh.data x mesh.fsdp = {data_ways}")
+    shards = num_data_shards(config, process_count)
+    if shards % process_count:
+        raise UserError(f"data.num_shards {shards} is not divisible by the {process_count} processes")
+    if config.batch_size % shards:
+        raise UserError(f"batch_size {config.batch_size} is not divisible by data.num_shards {shards}")

@@ -1,0 +1,115 @@
+"""The train and eval steps: `jax.jit` over the mesh with explicit input and output shardings.
+
+The train state is a plain pytree, so orbax saves it and a restore can lay it out on
+any mesh:
+    {'step': int32 [], 'trainable': {'model': ..., 'lora': ...}, 'frozen': ..., 'opt': optax state}
+A step splits the global batch `[batch, seq_len]` into `grad_accum_steps` micro-batches
+and runs them through `lax.scan`, summing the completion-token loss and its gradient;
+dividing by the total completion-token count at the end makes the update the same as
+one step over the whole batch. The model computes in its config's dtype (bfloat16 as
+an option) while the weights, gradients and optimizer state stay float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from neo_jax.model.loss import masked_cross_entropy
+from neo_jax.sharding import batch_sharding
+from neo_jax.train.stages import Params, StagePlan, apply_masked_updates, partition
+
+TrainState = dict[str, Any]
+Batch = dict[str, jax.Array]  # tokens, targets, loss_mask, segment_ids, positions: [batch, seq_len]
+DATA_AXES = ("data", "fsdp")
+
+
+def new_train_state(params: Params, plan: StagePlan, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    trainable, frozen = plan.split(params, key)
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen, "opt": tx.init(trainable)}
+
+
+def train_state_shardings(abstract_state: TrainState, param_shardings: Params, plan: StagePlan,
+                          tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Shardings of every state leaf: parameters (and their Adam moments) as the model's
+    logical axes say; LoRA adapters, counters and the step replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    model_shardings, frozen_shardings = partition(param_shardings, plan.is_trainable)
+    trainable_shardings = {"model": model_shardings,
+                           "lora": jax.tree.map(lambda _: replicated, abstract_state["trainable"]["lora"])}
+    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state["opt"],
+                                          trainable_shardings, transform_non_params=lambda _: replicated)
+    return {"step": replicated, "trainable": trainable_shardings, "frozen": frozen_shardings, "opt": opt_shardings}
+
+
+def _loss_sum(trainable: Params, frozen: Params, batch: Batch, graphdef: nnx.GraphDef,
+              plan: StagePlan) -> tuple[jax.Array, jax.Array]:
+    """(sum of completion-token losses, number of completion tokens) of one batch."""
+    model = nnx.merge(graphdef, plan.params(trainable, frozen))
+    logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [batch, len, vocab]
+    mean, weight = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return mean * weight, weight
+
+
+def _micro_batches(batch: Batch, count: int, mesh: Mesh) -> Batch:
+    """`[batch, len]` -> `[count, batch / count, len]`; micro-batch i takes rows i, i+count, ...
+    so that every micro-batch spreads over all data-parallel devices."""
+    sharding = NamedSharding(mesh, PartitionSpec(None, DATA_AXES, None))
+
+    def split(x):
+        rows, length = x.shape
+        micro = x.reshape(rows // count, count, length).swapaxes(0, 1)  # [count, rows / count, len]
+        return jax.lax.with_sharding_constraint(micro, sharding)
+    return jax.tree.map(split, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+    eval: Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]  # (loss sum, completion tokens)
+    batch_sharding: NamedSharding
+
+
+def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransformation, masks: Params,
+               schedule: optax.Schedule, grad_accum_steps: int, state_shardings: TrainState,
+               mesh: Mesh) -> StepFunctions:
+    """The jitted train step (donates its state) and eval step."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_in = batch_sharding(mesh, 2)
+    loss_and_grad = jax.value_and_grad(_loss_sum, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch):
+        trainable, frozen = state["trainable"], state["frozen"]
+
+        def accumulate(carry, micro: Batch):
+            grad_sum, loss_sum, weight_sum = carry
+            (loss, weight), grads = loss_and_grad(trainable, frozen, micro, graphdef, plan)
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, weight_sum + weight), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grad_sum, loss_sum, weight_sum), _ = jax.lax.scan(
+            accumulate, zeros, _micro_batches(batch, grad_accum_steps, mesh))
+        denominator = jnp.maximum(weight_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grad_sum)
+        updates, opt = tx.update(grads, state["opt"], trainable)
+        new_state = {"step": state["step"] + 1, "frozen": frozen, "opt": opt,
+                     "trainable": apply_masked_updates(trainable, updates, masks)}
+        metrics = {"loss": loss_sum / denominator, "loss_tokens": weight_sum, "learning_rate": schedule(state["step"]),
+                   "grad_norm": optax.tree.norm(jax.tree.map(lambda g, m: g * m, grads, masks))}
+        return new_state, metrics
+
+    def eval_step(state: TrainState, batch: Batch):
+        return _loss_sum(state["trainable"], state["frozen"], batch, graphdef, plan)
+
+    return StepFunctions(
+        train=jax.jit(train_step, in_shardings=(state_shardings, batch_in),
+                      out_shardings=(state_shardings, replicated), donate_argnums=0),
+        eval=jax.jit(eval_step, in_shardings=(state_shardings, batch_in), out_shardings=(replicated, replicated)),
+        batch_sharding=batch_in,
+    )

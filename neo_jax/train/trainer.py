@@ -1,0 +1,296 @@
+"""The training loop: set up (all checks before compiling), resume, step, watch, save, stop.
+
+    result = train(load_config(TrainConfig, "configs/train_tiny_grounding.yaml", ["steps=50"]))
+
+Set-up order: settings and paths, joining the other processes, the mesh and the batch
+layout, the model's vocabulary and shape, the data iterators; only then is anything
+compiled. A run directory with checkpoints resumes from the latest one (same data
+position, same optimizer state). Process 0 writes `metrics.jsonl`, TensorBoard events
+and the progress line; every process takes part in saves. A completed run writes its
+model (LoRA adapters merged) to `RUN_DIR/final`, the `init.checkpoint` of the next stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from neo_jax.atomic import atomic_write_text
+from neo_jax.checkpoint import (MODEL_CONFIG, abstract_decoder, load_hf_config, load_model, load_model_config,
+                                load_vocab_layout, save_model)
+from neo_jax.config import load_config, to_dict
+from neo_jax.errors import UserError
+from neo_jax.model import Decoder, ModelConfig
+from neo_jax.model.extend_vocab import extend_vocab
+from neo_jax.sharding import create_sharded, make_mesh, state_shardings
+from neo_jax.tokenizer import LAYOUT_FILE
+from neo_jax.train import distributed
+from neo_jax.train.checkpointing import PreemptionWatch, TrainCheckpoints, abstract_like
+from neo_jax.train.config import TrainConfig, check_against_mesh, check_settings
+from neo_jax.train.flops import matmul_params, measured_peak_flops, mfu, train_flops_per_token
+from neo_jax.train.input import train_batches, validation_batches
+from neo_jax.train.monitor import MetricsLog, Progress
+from neo_jax.train.stages import StagePlan, learning_rate_schedule, make_optimizer, make_plan
+from neo_jax.train.step import StepFunctions, TrainState, make_steps, new_train_state, train_state_shardings
+from neo_jax.vocab import VocabLayout
+
+FINAL_DIR = "final"
+CONFIG_FILE = "train_config.json"
+
+# A validation metric beyond the loss (e.g. Recall@10 of constrained decoding): model, step -> metrics.
+ValidationHook = Callable[[Decoder, int], dict[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    step: int  # steps completed (equals config.steps unless preempted)
+    preempted: bool
+    loss: float | None  # training loss of the last logged step
+    valid_loss: float | None  # of the last evaluation
+    tokens_per_s: float | None
+    mfu: float | None
+    final_dir: str | None  # the saved model of a completed run
+
+
+def _model_source(config: TrainConfig) -> tuple[ModelConfig, VocabLayout]:
+    """The shape of the model to train (compute dtype from the train config) and its vocabulary.
+
+    A checkpoint without a vocabulary layout (straight from `neo-jax import-hf`) is
+    extended to the tokenizer's layout when training starts.
+    """
+    tokenizer_layout = (VocabLayout.load(Path(config.data.tokenizer) / LAYOUT_FILE)
+                        if config.data.tokenizer is not None else None)
+    if config.init.model_config is not None:
+        model_config = load_config(ModelConfig, config.init.model_config)
+        return dataclasses.replace(model_config, vocab_size=tokenizer_layout.padded_size,
+                                   num_real_tokens=tokenizer_layout.size, dtype=config.compute_dtype), tokenizer_layout
+    model_config = dataclasses.replace(load_model_config(config.init.checkpoint), dtype=config.compute_dtype)
+    layout = load_vocab_layout(config.init.checkpoint)
+    if layout is None and tokenizer_layout is None:
+        raise UserError(f"init.checkpoint: {config.init.checkpoint} has no SID vocabulary yet; set data.tokenizer "
+                        "to the tokenizer whose vocabulary layout it should be extended to")
+    if layout is None:
+        if tokenizer_layout.text_size != model_config.vocab_size:
+            raise UserError(f"data.tokenizer: its layout reserves {tokenizer_layout.text_size} text ids but "
+                            f"init.checkpoint {config.init.checkpoint} has {model_config.vocab_size} embedding rows")
+        return dataclasses.replace(model_config, vocab_size=tokenizer_layout.padded_size,
+                                   num_real_tokens=tokenizer_layout.size), tokenizer_layout
+    if tokenizer_layout is not None and tokenizer_layout != layout:
+        raise UserError(f"data.tokenizer: the vocabulary layout of {config.data.tokenizer} differs from "
+                        f"the one of init.checkpoint {config.init.checkpoint}")
+    return model_config, layout
+
+
+def _initial_params(config: TrainConfig, model_config: ModelConfig, layout: VocabLayout, mesh: Mesh) -> dict:
+    if config.init.model_config is not None:
+        model = create_sharded(lambda: Decoder(model_config, nnx.Rngs(config.seed)), mesh)
+    else:
+        model = load_model(config.init.checkpoint, mesh, dtype=config.compute_dtype)
+        if model.config.vocab_size != model_config.vocab_size:  # not extended yet (see `_model_source`)
+            model = extend_vocab(model, layout, mesh, seed=config.seed)
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+class _Throughput:
+    """Tokens/s and MFU over the steps since the last reset (compilation, evaluation and saves excluded)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
+        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def measure(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        if not self.steps or elapsed <= 0:
+            return {}
+        tokens_per_s = self.tokens_per_step * self.steps / elapsed
+        measured = {"tokens_per_s": tokens_per_s}
+        if self.peak_flops:
+            measured["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.peak_flops)
+        return measured
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop works with, once set up."""
+
+    config: TrainConfig
+    graphdef: nnx.GraphDef
+    plan: StagePlan
+    layout: VocabLayout
+    steps: StepFunctions
+    state: TrainState
+    start_step: int
+    data: object  # grain DatasetIterator of this process's rows
+    checkpoints: TrainCheckpoints
+    throughput: _Throughput
+
+
+def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
+    check_settings(config)
+    distributed.initialize(config.distributed)
+    mesh = make_mesh(config.mesh, devices)
+    check_against_mesh(config, dict(mesh.shape), jax.process_count())
+    model_config, layout = _model_source(config)
+    graphdef, abstract_model_state = nnx.split(abstract_decoder(model_config))
+    abstract_params = nnx.to_pure_dict(abstract_model_state)
+    param_shardings = nnx.to_pure_dict(state_shardings(abstract_model_state, mesh))
+
+    plan = make_plan(config.stage, config.lora, layout)
+    key = jax.random.key(config.seed)
+    abstract_trainable, _ = jax.eval_shape(lambda p: plan.split(p, key), abstract_params)
+    masks = plan.update_masks(abstract_trainable)
+    tx = make_optimizer(config.optimizer, config.steps, masks)
+    init_state = lambda params: new_train_state(params, plan, tx, key)
+    abstract_state = jax.eval_shape(init_state, abstract_params)
+    shardings = train_state_shardings(abstract_state, param_shardings, plan, tx, mesh)
+
+    data = train_batches(config)
+    checkpoints = TrainCheckpoints(config.run_dir, config.checkpoint)
+    start_step = checkpoints.latest_step()
+    if start_step is not None:
+        state = checkpoints.restore(start_step, abstract_like(abstract_state, shardings), data)
+    else:
+        start_step = 0
+        state = jax.jit(init_state, out_shardings=shardings)(_initial_params(config, model_config, layout, mesh))
+
+    steps = make_steps(graphdef, plan, tx, masks, learning_rate_schedule(config.optimizer, config.steps),
+                       config.grad_accum_steps, shardings, mesh)
+    flops_per_token = train_flops_per_token(matmul_params(abstract_params), model_config.num_layers,
+                                            model_config.num_heads, model_config.head_dim, config.seq_len)
+    peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
+    throughput = _Throughput(config.batch_size * config.seq_len, flops_per_token, peak)
+    return _Run(config, graphdef, plan, layout, steps, state, start_step, data, checkpoints, throughput)
+
+
+def _global_batch(run: _Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return distributed.global_batch(local, run.steps.batch_sharding)
+
+
+def _host_value(replicated: jax.Array) -> float:
+    """A replicated scalar on the host (this process's copy; works across processes)."""
+    return float(np.asarray(replicated.addressable_data(0)))
+
+
+def validation_loss(run: _Run) -> float:
+    """Completion-token loss over the first `eval.batches` validation batches (the same every time)."""
+    batches = validation_batches(run.config)
+    loss_sum = weight = 0.0
+    for _ in range(run.config.eval.batches):
+        batch_loss_sum, batch_weight = run.steps.eval(run.state, _global_batch(run, next(batches)))
+        loss_sum, weight = loss_sum + _host_value(batch_loss_sum), weight + _host_value(batch_weight)
+    return loss_sum / max(weight, 1.0)
+
+
+def current_model(run: _Run) -> Decoder:
+    """The model as trained so far (adapters merged), on the run's mesh."""
+    params = jax.jit(run.plan.params)(run.state["trainable"], run.state["frozen"])
+    return nnx.merge(run.graphdef, params)
+
+
+def _evaluate(run: _Run, step: int, hooks: Sequence[ValidationHook]) -> dict[str, float]:
+    metrics = {"valid_loss": validation_loss(run)}
+    if hooks:
+        model = current_model(run)
+        for hook in hooks:
+            metrics.update(hook(model, step))
+    return metrics
+
+
+def _save_final(run: _Run, trained: bool) -> str:
+    """Write the trained model to `RUN_DIR/final`, replacing an older one (kept when nothing was trained)."""
+    final_dir = Path(run.config.run_dir) / FINAL_DIR
+    if (final_dir / MODEL_CONFIG).is_file() and not trained:
+        return str(final_dir)
+    if jax.process_index() == 0:
+        shutil.rmtree(final_dir, ignore_errors=True)
+    multihost_utils.sync_global_devices("neo_jax: final model directory cleared")
+    hf_config = load_hf_config(run.config.init.checkpoint) if run.config.init.checkpoint else None
+    save_model(final_dir, current_model(run), run.layout, hf_config)
+    return str(final_dir)
+
+
+class _Monitor:
+    """Process 0's view of the run: metrics.jsonl + TensorBoard and the progress line."""
+
+    def __init__(self, config: TrainConfig, start_step: int):
+        self.is_main = jax.process_index() == 0
+        self.log = MetricsLog(config.run_dir) if self.is_main else None
+        self.progress = Progress(config.steps, start_step) if self.is_main else None
+        self.total_steps = config.steps
+        if self.is_main:
+            atomic_write_text(Path(config.run_dir) / CONFIG_FILE, json.dumps(to_dict(config), indent=2))
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        if self.is_main:
+            self.log.write(step, metrics)
+            self.progress.update(step, metrics, force=step == self.total_steps)
+
+    def close(self) -> None:
+        if self.is_main:
+            self.log.close()
+
+
+def _run_steps(run: _Run, monitor: _Monitor, preemption: PreemptionWatch,
+               hooks: Sequence[ValidationHook]) -> TrainResult:
+    """Step until `config.steps` or a preemption notice; save on schedule and when stopping."""
+    config, step, preempted = run.config, run.start_step, False
+    latest: dict[str, float] = {}  # the newest value of every metric, for the result
+
+    def step_record(metrics: dict[str, jax.Array]) -> dict[str, float]:
+        return {**{key: _host_value(value) for key, value in metrics.items()}, **run.throughput.measure()}
+
+    if config.eval.every_steps and step == 0:  # the baseline the validation curve starts from
+        latest.update(_evaluate(run, 0, hooks))
+        monitor.record(0, latest)
+    while step < config.steps and not preempted:
+        run.state, metrics = run.steps.train(run.state, _global_batch(run, next(run.data)))
+        step += 1
+        run.throughput.steps += 1
+        if step == run.start_step + 1:  # the first step compiled: time from here
+            jax.block_until_ready(metrics)
+            run.throughput.reset()
+        logged = step % config.log_every == 0 or step == config.steps
+        record = step_record(metrics) if logged else {}
+        if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.steps):
+            record.update(_evaluate(run, step, hooks))
+        preempted = preemption.reached(step)  # after this step's evaluation: a notice during it counts
+        if preempted and not logged:
+            record.update(step_record(metrics))
+        run.checkpoints.save(step, run.state, run.data, force=preempted or step == config.steps)
+        if record:
+            monitor.record(step, record)
+            latest.update(record)
+            run.throughput.reset()
+    return TrainResult(step, preempted, latest.get("loss"), latest.get("valid_loss"), latest.get("tokens_per_s"),
+                       latest.get("mfu"), final_dir=None)
+
+
+def train(config: TrainConfig, devices: Sequence[jax.Device] | None = None,
+          validation_hooks: Sequence[ValidationHook] = ()) -> TrainResult:
+    """Run (or resume) the training `config` describes, on a mesh over `devices` (default: all)."""
+    run = _set_up(config, devices)
+    monitor = _Monitor(config, run.start_step)
+    preemption = PreemptionWatch()
+    try:
+        result = _run_steps(run, monitor, preemption, validation_hooks)
+    finally:
+        run.checkpoints.wait()
+        run.checkpoints.close()
+        preemption.close()
+        monitor.close()
+    if result.preempted:
+        return result
+    return dataclasses.replace(result, final_dir=_save_final(run, trained=result.step > run.start_step))
