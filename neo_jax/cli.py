@@ -15,14 +15,16 @@ from neo_jax.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "import-hf": ("neo_jax.hf.commands_import", "import a Hugging Face (safetensors) or GGUF checkpoint"),
-    "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
-    "tokenizer": ("neo_jax.tokenizer.commands", "build a mixed text + SID tokenizer directory"),
-    "plot": ("neo_jax.plot", "write PNG training curves of a run directory"),
+    "quickstart": ("neo_jax.quickstart", "the whole path on the generated default catalog: data, SIDs, train, eval"),
     "data": ("neo_jax.data.commands", "generate, check and split datasets; write task examples and ArrayRecord shards"),
-    "train": ("neo_jax.train.commands", "train a stage (SID grounding or instruction tuning) on a device mesh"),
     "sids": ("neo_jax.catalog.commands", "build semantic IDs and the SID trie for a catalog (`sids build`)"),
+    "tokenizer": ("neo_jax.tokenizer.commands", "build a mixed text + SID tokenizer directory"),
+    "import-hf": ("neo_jax.hf.commands_import", "import a Hugging Face (safetensors) or GGUF checkpoint"),
+    "train": ("neo_jax.train.commands", "train a stage (SID grounding or instruction tuning) on a device mesh"),
     "generate": ("neo_jax.decode.commands", "decode prompts with SID-constrained beam search or sampling"),
+    "eval": ("neo_jax.eval.commands", "evaluate a checkpoint: Recall/NDCG@K of next-item recommendation"),
+    "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
+    "plot": ("neo_jax.plot", "write PNG training curves of a run directory"),
 }
 
 # name -> (module, one-line help) for `neo-jax bench NAME`

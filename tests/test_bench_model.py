@@ -94,7 +94,7 @@ def test_incomplete_yaml_names_the_file(tmp_path, capsys):
     config_file = tmp_path / "partial.yaml"
     config_file.write_text(yaml.safe_dump({"architecture": "LlamaForCausalLM", "vocab_size": 64}))
     assert cli.main(["bench", "model", "--no-torch", "--config", str(config_file)]) == 2
-    assert f"{config_file}: not a complete model config" in capsys.readouterr().err
+    assert f"{config_file}: missing required setting 'hidden_size'" in capsys.readouterr().err
 
 
 def test_missing_torch_says_how_to_install_it(monkeypatch):

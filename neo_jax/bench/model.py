@@ -87,10 +87,7 @@ def model_config_from(args: argparse.Namespace) -> ModelConfig:
         elif path.is_dir():
             config = ModelConfig.from_hf(read_hf_config(path), source=str(path / HF_CONFIG_FILE))
         elif path.is_file():
-            try:
-                config = load_config(ModelConfig, path)
-            except TypeError as e:  # a required field is missing
-                raise UserError(f"{path}: not a complete model config ({e})") from None
+            config = load_config(ModelConfig, path)
         else:
             raise UserError(f"--config: {path} does not exist")
     return dataclasses.replace(config, dtype=args.dtype)
@@ -183,7 +180,7 @@ def torch_reference(config: ModelConfig, batch: dict[str, np.ndarray], warmup: i
     optimizer = torch.optim.AdamW(  # weight decay on matrices only, as ours
         [{"params": [p for p in params if p.ndim >= 2]},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=optimizer_config.lr, betas=(optimizer_config.b1, optimizer_config.b2), eps=optimizer_config.eps,
+        lr=optimizer_config.learning_rate, betas=(optimizer_config.b1, optimizer_config.b2), eps=optimizer_config.eps,
         weight_decay=optimizer_config.weight_decay)
     tokens = torch.as_tensor(batch["tokens"], dtype=torch.long)  # [batch, len]
     targets = torch.as_tensor(batch["targets"], dtype=torch.long)  # [batch, len]

@@ -21,6 +21,7 @@ from neo_jax.checkpoint import TOKENIZER, load_model, load_vocab_layout
 from neo_jax.data.loaders import load_items, read_records
 from neo_jax.decode.generate import DecodeSettings, Generator
 from neo_jax.errors import UserError
+from jax.sharding import Mesh
 from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
 from neo_jax.tokenizer import MixedTokenizer, load_text_tokenizer
 
@@ -68,15 +69,32 @@ def read_requests(args: argparse.Namespace) -> tuple[list[str], list[list[str]]]
     return prompts, excluded
 
 
-def load_tokenizer(args: argparse.Namespace) -> MixedTokenizer:
-    if args.tokenizer is not None:
-        return MixedTokenizer.load(args.tokenizer)
-    ckpt = Path(args.ckpt)
+def load_tokenizer(ckpt: str | Path, tokenizer_dir: str | Path | None = None) -> MixedTokenizer:
+    """The tokenizer at `tokenizer_dir`, else the one saved in the checkpoint directory."""
+    if tokenizer_dir is not None:
+        return MixedTokenizer.load(tokenizer_dir)
+    ckpt = Path(ckpt)
     layout = load_vocab_layout(ckpt)
     if layout is None or not (ckpt / TOKENIZER).is_dir():
         raise UserError(f"{ckpt}: no vocab_layout.json and {TOKENIZER}/ to build the tokenizer from; "
                         "pass --tokenizer")
     return MixedTokenizer(load_text_tokenizer(ckpt / TOKENIZER), layout)
+
+
+def load_generator(ckpt: str | Path, sids_dir: str | Path, mesh: Mesh, tokenizer_dir: str | Path | None = None,
+                   data_dir: str | Path | None = None) -> Generator:
+    """A checkpoint, its tokenizer and a SID catalog, ready to generate (titles from `data_dir` if given)."""
+    tokenizer = load_tokenizer(ckpt, tokenizer_dir)
+    model = load_model(ckpt, mesh)
+    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
+    if eos_id is None:
+        raise UserError("neither the tokenizer nor the model config names an EOS token")
+    eos_id = eos_id[0] if isinstance(eos_id, tuple) else eos_id
+    titles = None
+    if data_dir is not None:
+        catalog = load_items(_items_file(Path(data_dir)))
+        titles = {item_id: catalog.title(row) for row, item_id in enumerate(catalog.item_ids)}
+    return Generator(model, tokenizer, load_sid_output(sids_dir), int(eos_id), titles, mesh)
 
 
 def read_item_ids(path: str) -> list[str]:
@@ -91,18 +109,7 @@ def run(args: argparse.Namespace) -> int:
     settings = DecodeSettings(args.method, args.max_new_tokens, args.beams, args.alpha, args.temperature,
                               args.top_k, args.top_p)
     settings.check()
-    tokenizer = load_tokenizer(args)
-    mesh = mesh_from_arguments(args)
-    model = load_model(args.ckpt, mesh)
-    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
-    if eos_id is None:
-        raise UserError("neither the tokenizer nor the model config names an EOS token")
-    eos_id = eos_id[0] if isinstance(eos_id, tuple) else eos_id
-    titles = None
-    if args.data is not None:
-        catalog = load_items(_items_file(Path(args.data)))
-        titles = {item_id: catalog.title(row) for row, item_id in enumerate(catalog.item_ids)}
-    generator = Generator(model, tokenizer, load_sid_output(args.sids), int(eos_id), titles, mesh)
+    generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer, args.data)
     beams = generator.generate(prompts, settings, excluded_ids=excluded,
                                allowed_ids=None if args.in_stock is None else read_item_ids(args.in_stock),
                                default_types=args.types, default_format=args.format,

@@ -1,0 +1,45 @@
+"""`neo-jax eval recommend`: Recall/NDCG@K of a checkpoint on leave-one-out examples.
+
+    neo-jax eval recommend --ckpt RUN/final --sids SIDS_DIR --examples TASKS/test.jsonl [--beams 10]
+
+Prints one JSON object: recall@K, ndcg@K, users, and the share of beams that name a catalog item
+(decoding is constrained, so every named item exists and has the asked type).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from neo_jax.data.tasks import read_examples
+from neo_jax.decode.commands import load_generator
+from neo_jax.errors import UserError
+from neo_jax.eval.recommend import evaluate_recommendations
+from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
+    recommend = commands.add_parser("recommend", help="Recall/NDCG@K of next-item recommendation",
+                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recommend.add_argument("--ckpt", required=True, type=Path, help="checkpoint directory (e.g. RUN_DIR/final)")
+    recommend.add_argument("--sids", required=True, type=Path, help="output directory of `neo-jax sids build`")
+    recommend.add_argument("--examples", required=True, type=Path,
+                           help="valid.jsonl or test.jsonl written by `neo-jax data tasks`")
+    recommend.add_argument("--tokenizer", type=Path, default=None,
+                           help="tokenizer directory (default: the one saved in the checkpoint)")
+    recommend.add_argument("--beams", type=int, default=10, help="beams = length of each ranked list (default 10)")
+    recommend.add_argument("--batch", type=int, default=16, help="prompts decoded together (default 16)")
+    recommend.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    add_mesh_arguments(recommend)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.beams < 1 or args.batch < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--beams, --batch and --limit must be positive")
+    examples = read_examples(args.examples)[: args.limit]
+    generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer)
+    metrics = evaluate_recommendations(generator, examples, beams=args.beams, batch_size=args.batch)
+    print(json.dumps({"examples": str(args.examples), "ckpt": str(args.ckpt), "beams": args.beams, **metrics}))
+    return 0

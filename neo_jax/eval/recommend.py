@@ -1,0 +1,67 @@
+"""Next-item recommendation quality of a model: constrained beam search in ID mode, then Recall/NDCG@K.
+
+Each evaluation example (`neo-jax data tasks` writes valid.jsonl and test.jsonl: the user's
+history in the prompt, the held-out item's SID as the completion) is decoded with `beams`
+beams; ID mode names exactly one item per beam, so the beams are a ranked list of distinct
+items. The constraint guarantees each is a real catalog item of the asked type.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from neo_jax.data.tasks import TaskExample
+from neo_jax.decode.generate import DecodeSettings, Generator
+from neo_jax.errors import UserError
+from neo_jax.eval.metrics import ranking_metrics
+from neo_jax.train.monitor import Progress
+from neo_jax.vocab import SID_CODE_PATTERN
+
+
+def target_rows(examples: Sequence[TaskExample], generator: Generator) -> np.ndarray:
+    """`[examples]` catalog row of each example's completion SID."""
+    layout, trie = generator.tokenizer.layout, generator.sids.trie
+    rows = []
+    for index, example in enumerate(examples):
+        codes = SID_CODE_PATTERN.findall(example.completion)
+        if not codes or len({name for name, _, _ in codes}) != 1:
+            raise UserError(f"evaluation example {index}: its completion {example.completion!r} is not one SID")
+        row = trie.find_item(layout.type_index(codes[0][0]), [int(code) for _, _, code in codes])
+        if row is None:
+            raise UserError(f"evaluation example {index}: {example.completion!r} names no item of this catalog")
+        rows.append(row)
+    return np.asarray(rows, np.int64)
+
+
+def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExample], beams: int = 10,
+                             batch_size: int = 16, ks: tuple[int, ...] = (5, 10),
+                             show_progress: bool = True) -> dict[str, float]:
+    """Recall@K and NDCG@K over `examples` (K <= beams), with the share of beams naming a real item."""
+    if not examples:
+        raise UserError("no evaluation examples")
+    if any(e.output_format != "ids" for e in examples):
+        raise UserError("recommendation evaluation needs examples in the 'ids' output format")
+    ks = tuple(k for k in ks if k <= beams)
+    if not ks:
+        raise UserError(f"beams ({beams}) must be at least the smallest K")
+    targets = target_rows(examples, generator)  # [examples]
+    max_levels = max(t.num_levels for t in generator.tokenizer.layout.entity_types)
+    settings = DecodeSettings(method="beam", max_new_tokens=max_levels + 3, beam_size=beams)  # [SID] codes [/SID] eos
+    ranked = np.full((len(examples), beams), -1, np.int64)  # [examples, beams] catalog rows, best first
+    named = 0
+    progress = Progress(total_steps=len(examples), stream=sys.stderr) if show_progress else None
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        for offset, continuations in enumerate(generator.generate([e.prompt for e in batch], settings)):
+            rows = [generator.row_of_id[item.item_id] for c in continuations for item in c.items if item is not None]
+            named += sum(1 for c in continuations if any(item is not None for item in c.items))
+            ranked[start + offset, :len(rows[:beams])] = rows[:beams]
+        if progress is not None:
+            progress.update(min(start + batch_size, len(examples)), {})
+    metrics = ranking_metrics(ranked, targets, ks)
+    metrics["users"] = len(examples)
+    metrics["beams_naming_an_item"] = named / (len(examples) * beams)
+    return metrics
