@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 
 import grain
@@ -141,6 +142,60 @@ def test_restore_mid_epoch_gives_the_same_batches(shards):
             got = next(restored)
             for key in BATCH_KEYS:
                 np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.fixture(scope="module")
+def two_task_shards(tmp_path_factory):
+    """45 examples of task b and 15 of task a (a natural mix of 1:3), completions naming their task."""
+    directory = tmp_path_factory.mktemp("two_tasks")
+    examples = [TaskExample("a" if i % 4 == 0 else "b", "product", "ids", f"p{i}", f"{'a' if i % 4 == 0 else 'b'}{i}")
+                for i in range(60)]
+    write_records(examples, directory, "train", ByteTokenizer(), num_shards=2, bos_id=BOS, eos_id=EOS)
+    return record_paths(directory, "train")
+
+
+def task_shares(paths, config, batches: int) -> dict[str, int]:
+    with iterator(paths, config) as it:
+        completions = [c for _ in range(batches) for c in completions_in(next(it))]
+    return {task: sum(c.startswith(task) for c in completions) for task in ("a", "b")}
+
+
+def test_task_weights_set_the_mix(two_task_shards):
+    config = PipelineConfig(seq_len=32, batch_size=4, seed=1, task_weights={"a": 3, "b": 1})
+    shares = task_shares(two_task_shards, config, batches=40)  # task a's 15 records repeat many times
+    assert sum(shares.values()) > 300
+    assert shares["a"] / shares["b"] == pytest.approx(3.0, rel=0.05)
+
+
+def test_no_task_weights_keep_the_records_mix(two_task_shards):
+    config = PipelineConfig(seq_len=32, batch_size=4, num_epochs=1, drop_remainder=False)
+    assert task_shares(two_task_shards, config, batches=len(one_epoch(two_task_shards, config))) == {"a": 15,
+                                                                                                    "b": 45}
+
+
+def test_a_zero_weight_leaves_a_task_out_and_the_mix_resumes_exactly(two_task_shards):
+    config = PipelineConfig(seq_len=32, batch_size=4, seed=2, task_weights={"a": 1, "b": 0})
+    assert task_shares(two_task_shards, config, batches=10)["b"] == 0
+    mixed = dataclasses.replace(config, task_weights={"a": 1, "b": 2})
+    with iterator(two_task_shards, mixed) as it:
+        for _ in range(7):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))
+        expected = [next(it) for _ in range(10)]
+    with iterator(two_task_shards, mixed) as restored:
+        restored.set_state(state)
+        for want in expected:
+            np.testing.assert_array_equal(next(restored)["tokens"], want["tokens"])
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"a": 1, "c": 1}, r"task\(s\) \['c'\].*its tasks are \['a', 'b'\]"),
+    ({"a": -1, "b": 2}, "non-negative"),
+    ({"a": 0}, "not all zero"),
+])
+def test_bad_task_weights_are_refused(two_task_shards, weights, message):
+    with pytest.raises(UserError, match=message):
+        make_iterator(two_task_shards, PipelineConfig(seq_len=32, batch_size=4, task_weights=weights))
 
 
 def test_commands_from_synthetic_data_to_batches(tmp_path):

@@ -59,6 +59,16 @@ def run_train(dataset, *overrides):
     (["stage=instruct", "lora.rank=4", "lora.targets=[q_proj]"], "lora.targets: ['q_proj']"),
     (["init.checkpoint=/tmp"], "exactly one of init.checkpoint"),
     (["init.model_config=/nonexistent/model.yaml"], "init.model_config: /nonexistent/model.yaml"),
+    (["data.task_weights={recommend: 1, nope: 2}"], "data.task_weights: no train record has task 'nope'"),
+    (["data.task_weights={recommend: 0}"], "data.task_weights: weights must be non-negative"),
+    (["data.task_weights={recommend: -1}"], "data.task_weights: weights must be non-negative"),
+    (["eval.recall_examples=/nonexistent/valid.jsonl"], "set both eval.recall_examples"),
+    (["eval.recall_examples=/nonexistent/valid.jsonl", "eval.recall_sids=/tmp"],
+     "eval.recall_examples: /nonexistent/valid.jsonl"),
+    ([f"eval.recall_examples={TINY_GROUNDING}", "eval.recall_sids=/nonexistent/sids"],
+     "eval.recall_sids: /nonexistent/sids"),
+    ([f"eval.recall_examples={TINY_GROUNDING}", "eval.recall_sids=/tmp", "eval.recall_beams=5"],
+     "eval.recall_beams"),
 ])
 def test_bad_settings_stop_before_compiling_with_one_line(dataset, no_compiling, capsys, overrides, named):
     assert run_train(dataset, *overrides) == 2

@@ -3,6 +3,9 @@
 Per process: take every `shard_count`-th record starting at `shard_index`, shuffle with a
 seed (a new order each epoch), decode each record into next-token features, pack several
 examples into each row of `seq_len` tokens (grain first-fit packing), batch and prefetch.
+With `task_weights` the records are first split by their `task` field (one scan of the
+shard), each task's records shuffled and repeated on their own, and the tasks interleaved
+in the given proportions (`grain.MapDataset.mix`); tasks without a weight are left out.
 Each batch is a dict of numpy arrays, all `[batch_size, seq_len]`:
 - `tokens` int32: input ids;
 - `targets` int32: the id to predict at each position (the next token);
@@ -18,7 +21,8 @@ The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` resume 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import json
+from typing import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -42,12 +46,51 @@ class PipelineConfig:
     read_buffer: int = 64  # records read ahead
     prefetch_batches: int = 2  # batches prepared ahead in a background thread
     drop_remainder: bool = True
+    task_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)  # empty: the records' own mix
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch_size < 1 or self.packing_bins < 0:
             raise UserError("seq_len must be at least 2, batch_size positive, packing_bins non-negative")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise UserError(f"num_epochs must be positive or None, got {self.num_epochs}")
+        check_task_weights(self.task_weights, "task_weights")
+        if self.task_weights and self.num_epochs is not None:
+            raise UserError("a task mix (task_weights) repeats every task forever: num_epochs must be None")
+
+
+def check_task_weights(weights: Mapping[str, float], setting: str) -> None:
+    """Weights are non-negative numbers, at least one positive (an empty mapping is the natural mix)."""
+    if not weights:
+        return
+    if any(not isinstance(w, (int, float)) or w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+        raise UserError(f"{setting}: weights must be non-negative numbers, not all zero; got {dict(weights)}")
+
+
+def task_of(record: bytes) -> str:
+    """The `task` field of one serialized example (see `neo_jax.data.records`)."""
+    return json.loads(record)["task"]
+
+
+def record_tasks(records: grain.MapDataset, read_threads: int = 2) -> np.ndarray:
+    """`[records]` the task name of every record, in order (reads each record once)."""
+    tasks = records.map(task_of).to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
+    return np.asarray(list(tasks), dtype=object)
+
+
+def _task_mix(records: grain.MapDataset, config: PipelineConfig, where: str) -> grain.MapDataset:
+    """The records of each weighted task, shuffled and repeated on their own, interleaved by weight."""
+    tasks = record_tasks(records, config.read_threads)  # [records]
+    weighted = sorted(task for task, weight in config.task_weights.items() if weight > 0)
+    missing = [task for task in weighted if not (tasks == task).any()]
+    if missing:
+        raise UserError(f"task_weights names task(s) {missing} that {where} has no records of; "
+                        f"its tasks are {sorted(set(tasks))}")
+    parts = []
+    for task in weighted:
+        rows = np.flatnonzero(tasks == task)  # [task records] positions in `records`
+        part = grain.MapDataset.range(rows.size).map(lambda i, rows=rows: records[int(rows[i])])
+        parts.append((part.shuffle(seed=config.seed) if config.shuffle else part).repeat())
+    return grain.MapDataset.mix(parts, [config.task_weights[task] for task in weighted])
 
 
 def next_token_features(record: bytes, seq_len: int) -> dict[str, np.ndarray]:
@@ -75,9 +118,11 @@ def make_dataset(paths: Sequence[str], config: PipelineConfig, shard_index: int 
     if len(source) < shard_count:
         raise UserError(f"{len(source)} records cannot feed {shard_count} processes")
     records = grain.MapDataset.source(source)[shard_index::shard_count]
-    if config.shuffle:
-        records = records.shuffle(seed=config.seed)
-    features = (records.repeat(config.num_epochs)
+    if config.task_weights:
+        records = _task_mix(records, config, f"shard {shard_index} of {shard_count} of {paths[0]} ...")
+    else:
+        records = (records.shuffle(seed=config.seed) if config.shuffle else records).repeat(config.num_epochs)
+    features = (records
                 .map(lambda record: next_token_features(record, config.seq_len))
                 .to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                    prefetch_buffer_size=config.read_buffer)))

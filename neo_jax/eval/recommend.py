@@ -4,19 +4,24 @@ Each evaluation example (`neo-jax data tasks` writes valid.jsonl and test.jsonl:
 history in the prompt, the held-out item's SID as the completion) is decoded with `beams`
 beams; ID mode names exactly one item per beam, so the beams are a ranked list of distinct
 items. The constraint guarantees each is a real catalog item of the asked type.
+`recall_hook` runs the same evaluation on the model being trained at every validation step.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from jax.sharding import Mesh
 
+from neo_jax.catalog.sid_output import SidOutput
 from neo_jax.data.tasks import TaskExample
 from neo_jax.decode.generate import DecodeSettings, Generator
 from neo_jax.errors import UserError
 from neo_jax.eval.metrics import ranking_metrics
+from neo_jax.model.decoder import Decoder
+from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import Progress
 from neo_jax.vocab import SID_CODE_PATTERN
 
@@ -65,3 +70,23 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
     metrics["users"] = len(examples)
     metrics["beams_naming_an_item"] = named / (len(examples) * beams)
     return metrics
+
+
+RECALL_METRICS = ("recall@5", "recall@10", "ndcg@10")
+
+
+def recall_hook(tokenizer: MixedTokenizer, sids: SidOutput, examples: Sequence[TaskExample], beams: int = 10,
+                mesh: Mesh | None = None) -> Callable[[Decoder, int], dict[str, float]]:
+    """A training validation hook: `(model, step) -> {"valid_recall@5", "valid_recall@10", "valid_ndcg@10"}`
+    of `examples`, decoded with `beams` beams and the tokenizer's EOS (the one the training records end with)."""
+    if tokenizer.eos_id is None:
+        raise UserError("the tokenizer has no EOS token to end the generated SIDs with")
+    if beams < 10:
+        raise UserError(f"Recall@10 needs at least 10 beams, got {beams}")
+
+    def hook(model: Decoder, step: int) -> dict[str, float]:
+        generator = Generator(model, tokenizer, sids, tokenizer.eos_id, mesh=mesh)
+        metrics = evaluate_recommendations(generator, examples, beams=beams, show_progress=False)
+        return {f"valid_{name}": metrics[name] for name in RECALL_METRICS}
+
+    return hook

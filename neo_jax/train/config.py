@@ -11,7 +11,10 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+import grain
+
 from neo_jax.config import MeshConfig
+from neo_jax.data.pipeline import check_task_weights, record_tasks
 from neo_jax.data.records import record_paths
 from neo_jax.errors import UserError
 from neo_jax.train.distributed import DistributedConfig
@@ -39,6 +42,9 @@ class DataConfig:
     The global batch is the concatenation of `num_shards` equal parts, part i packed from
     every num_shards-th record starting at i; each process reads `num_shards / processes`
     consecutive parts. So the batches depend on `num_shards`, never on the process count.
+    `task_weights` (e.g. `{recommend: 3, text_to_sid: 1}`) sets the training mix of the
+    records' `task` fields; tasks left out are not trained on, and empty keeps the mix the
+    records were written with. Validation always reads the valid split as written.
     """
 
     records_dir: str = ""
@@ -50,6 +56,7 @@ class DataConfig:
     packing_bins: int = 0  # rows packed at once per shard; 0: the shard's rows per batch
     read_threads: int = 2
     prefetch_batches: int = 2
+    task_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +92,16 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    """The validation loss every `every_steps` steps and, with `recall_examples` and
+    `recall_sids` set, Recall@5/@10 and NDCG@10 of constrained beam search in ID mode
+    over the first `recall_users` examples (`valid_recall@5`, ... in metrics.jsonl)."""
+
     every_steps: int = 200  # 0 turns validation off
     batches: int = 4  # validation batches per evaluation
+    recall_examples: str | None = None  # valid.jsonl written by `neo-jax data tasks`
+    recall_sids: str | None = None  # the `neo-jax sids build` directory of the catalog
+    recall_users: int = 64
+    recall_beams: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +185,42 @@ def check_settings(config: TrainConfig) -> None:
             record_paths(config.data.records_dir, split)
         except UserError as e:
             raise UserError(f"{setting}: {e}") from None
+    _check_task_weights(config.data)
+    _check_recall(config)
+
+
+def _check_task_weights(data: DataConfig) -> None:
+    """Weights are valid and every weighted task has records in the train split (reads each record once)."""
+    check_task_weights(data.task_weights, "data.task_weights")
+    if not data.task_weights:
+        return
+    paths = record_paths(data.records_dir, data.train_split)
+    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    present = set(record_tasks(source, data.read_threads))
+    unknown = sorted(set(data.task_weights) - present)
+    if unknown:
+        raise UserError(f"data.task_weights: no {data.train_split} record has task {unknown[0]!r}; "
+                        f"the records' tasks are {sorted(present)}")
+
+
+def _check_recall(config: TrainConfig) -> None:
+    evaluation = config.eval
+    if (evaluation.recall_examples is None) != (evaluation.recall_sids is None):
+        raise UserError("set both eval.recall_examples (a valid.jsonl) and eval.recall_sids (a sids build "
+                        "directory), or neither")
+    if evaluation.recall_examples is None:
+        return
+    _positive(config, ("eval.recall_users", "eval.recall_beams"))
+    if evaluation.recall_beams < 10:
+        raise UserError(f"eval.recall_beams must be at least 10 for Recall@10, got {evaluation.recall_beams}")
+    if not config.eval.every_steps:
+        raise UserError("eval.recall_examples is set but eval.every_steps=0 turns evaluation off")
+    if not Path(evaluation.recall_examples).is_file():
+        raise UserError(f"eval.recall_examples: {evaluation.recall_examples} does not exist")
+    if not Path(evaluation.recall_sids).is_dir():
+        raise UserError(f"eval.recall_sids: {evaluation.recall_sids} does not exist")
+    if config.data.tokenizer is None:
+        raise UserError("data.tokenizer is not set; the Recall evaluation encodes its prompts with it")
 
 
 def num_data_shards(config: TrainConfig, process_count: int) -> int:

@@ -10,6 +10,8 @@ grain `DatasetIterator`, so its state (every part's position) is checkpointed ex
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import grain
 import jax
 import numpy as np
@@ -24,15 +26,17 @@ def _concat_parts(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndar
     return {key: np.concatenate([part[key] for part in parts], axis=0) for key in BATCH_KEYS}
 
 
-def process_batches(config: TrainConfig, split: str, shuffle: bool) -> grain.DatasetIterator:
-    """An endless iterator over this process's rows of the global batches of `split`."""
+def process_batches(config: TrainConfig, split: str, shuffle: bool,
+                    task_weights: Mapping[str, float]) -> grain.DatasetIterator:
+    """An endless iterator over this process's rows of the global batches of `split`, whose
+    records are mixed by `task_weights` (empty: as written)."""
     process_count, process_index = jax.process_count(), jax.process_index()
     shards = num_data_shards(config, process_count)
     per_process = shards // process_count
     pipeline = PipelineConfig(seq_len=config.seq_len, batch_size=config.batch_size // shards, seed=config.seed,
                               shuffle=shuffle, packing_bins=config.data.packing_bins,
                               read_threads=config.data.read_threads,
-                              prefetch_batches=config.data.prefetch_batches)
+                              prefetch_batches=config.data.prefetch_batches, task_weights=task_weights)
     paths = record_paths(config.data.records_dir, split)
     parts = [make_dataset(paths, pipeline, shard_index=shard, shard_count=shards)
              for shard in range(process_index * per_process, (process_index + 1) * per_process)]
@@ -40,9 +44,11 @@ def process_batches(config: TrainConfig, split: str, shuffle: bool) -> grain.Dat
 
 
 def train_batches(config: TrainConfig) -> grain.DatasetIterator:
-    return process_batches(config, config.data.train_split, shuffle=config.data.shuffle)
+    return process_batches(config, config.data.train_split, shuffle=config.data.shuffle,
+                           task_weights=config.data.task_weights)
 
 
 def validation_batches(config: TrainConfig) -> grain.DatasetIterator:
-    """The validation split in file order; every evaluation reads the same first `eval.batches` batches."""
-    return process_batches(config, config.data.valid_split, shuffle=False)
+    """The validation split in file order, its own task mix; every evaluation reads the same first
+    `eval.batches` batches."""
+    return process_batches(config, config.data.valid_split, shuffle=False, task_weights={})

@@ -3,8 +3,8 @@
     result = train(load_config(TrainConfig, "configs/train_tiny_grounding.yaml", ["steps=50"]))
 
 Set-up order: settings and paths, joining the other processes, the mesh and the batch
-layout, the model's vocabulary and shape, the data iterators; only then is anything
-compiled. A run directory with checkpoints resumes from the latest one (same data
+layout, the Recall@K validation inputs (`eval.recall_*`), the model's vocabulary and shape,
+the data iterators; only then is anything compiled. A run directory with checkpoints resumes from the latest one (same data
 position, same optimizer state). Process 0 writes `metrics.jsonl`, TensorBoard events
 and the progress line; every process takes part in saves. A completed run writes its
 model (LoRA adapters merged) to `RUN_DIR/final`, the `init.checkpoint` of the next stage.
@@ -26,14 +26,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from neo_jax.atomic import atomic_write_text
+from neo_jax.catalog.sid_output import load_sid_output
 from neo_jax.checkpoint import (MODEL_CONFIG, abstract_decoder, load_hf_config, load_model, load_model_config,
                                 load_vocab_layout, save_model)
 from neo_jax.config import load_config, to_dict
+from neo_jax.data.tasks import read_examples
 from neo_jax.errors import UserError
+from neo_jax.eval.recommend import recall_hook
 from neo_jax.model import Decoder, ModelConfig
 from neo_jax.model.extend_vocab import extend_vocab
 from neo_jax.sharding import create_sharded, make_mesh, state_shardings
-from neo_jax.tokenizer import LAYOUT_FILE
+from neo_jax.tokenizer import LAYOUT_FILE, MixedTokenizer
 from neo_jax.train import distributed
 from neo_jax.train.checkpointing import PreemptionWatch, TrainCheckpoints, abstract_like
 from neo_jax.train.config import TrainConfig, check_against_mesh, check_settings
@@ -136,6 +139,19 @@ class _Run:
     data: object  # grain DatasetIterator of this process's rows
     checkpoints: TrainCheckpoints
     throughput: _Throughput
+    hooks: list[ValidationHook]  # the config's own validation metrics (Recall@K)
+
+
+def _config_hooks(config: TrainConfig, mesh: Mesh) -> list[ValidationHook]:
+    """Recall@5/@10 and NDCG@10 on the first `eval.recall_users` examples, when `eval.recall_examples` is set."""
+    evaluation = config.eval
+    if evaluation.recall_examples is None:
+        return []
+    examples = read_examples(evaluation.recall_examples)[: evaluation.recall_users]
+    if not examples:
+        raise UserError(f"eval.recall_examples: {evaluation.recall_examples} holds no examples")
+    return [recall_hook(MixedTokenizer.load(config.data.tokenizer), load_sid_output(evaluation.recall_sids),
+                        examples, evaluation.recall_beams, mesh)]
 
 
 def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
@@ -143,6 +159,7 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     distributed.initialize(config.distributed)
     mesh = make_mesh(config.mesh, devices)
     check_against_mesh(config, dict(mesh.shape), jax.process_count())
+    hooks = _config_hooks(config, mesh)
     model_config, layout = _model_source(config)
     graphdef, abstract_model_state = nnx.split(abstract_decoder(model_config))
     abstract_params = nnx.to_pure_dict(abstract_model_state)
@@ -172,7 +189,7 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
     throughput = _Throughput(config.batch_size * config.seq_len, flops_per_token, peak)
-    return _Run(config, graphdef, plan, layout, steps, state, start_step, data, checkpoints, throughput)
+    return _Run(config, graphdef, plan, layout, steps, state, start_step, data, checkpoints, throughput, hooks)
 
 
 def _global_batch(run: _Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -285,7 +302,7 @@ def train(config: TrainConfig, devices: Sequence[jax.Device] | None = None,
     monitor = _Monitor(config, run.start_step)
     preemption = PreemptionWatch()
     try:
-        result = _run_steps(run, monitor, preemption, validation_hooks)
+        result = _run_steps(run, monitor, preemption, [*run.hooks, *validation_hooks])
     finally:
         run.checkpoints.wait()
         run.checkpoints.close()

@@ -1,0 +1,80 @@
+"""Periodic Recall@K validation during training: logged at every evaluation, equal to `neo-jax eval recommend`."""
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from neo_jax.catalog.sid_output import SidOutput, write_sid_output
+from neo_jax.catalog.table import build_trie
+from neo_jax.config import MeshConfig
+from neo_jax.data.records import TokenizedExample, record_paths
+from neo_jax.data.tasks import TaskExample, read_examples, write_examples
+from neo_jax.decode.commands import load_generator
+from neo_jax.eval.recommend import evaluate_recommendations
+from neo_jax.sharding import make_mesh
+from neo_jax.tokenizer import MixedTokenizer
+from neo_jax.train.monitor import read_metrics
+from neo_jax.train.trainer import train
+from train_fixtures import tiny_config, write_catalog_dataset
+
+RECALL_KEYS = ("valid_recall@5", "valid_recall@10", "valid_ndcg@10")
+USERS = 8
+
+
+def write_sids_dir(sids_tsv, layout, directory):
+    """A `sids build` directory holding the two-level codes of `sids_tsv`, types in the order of `layout`."""
+    rows = [line.split("\t") for line in sids_tsv.read_text().splitlines()[1:]]
+    item_types = np.array([layout.type_index(row[1]) for row in rows])  # [items]
+    codes = np.array([[int(row[2]), int(row[3])] for row in rows], np.int32)  # [items, 2]
+    trie = build_trie(codes, item_types, [t.num_levels for t in layout.entity_types])
+    directory.mkdir()
+    write_sid_output(directory, SidOutput(trie, [row[0] for row in rows], layout.entity_types, {}), {})
+
+
+def write_valid_jsonl(records, tokenizer, path):
+    """The valid records as `neo-jax data tasks` wrote them: text prompt and completion, bos and eos dropped."""
+    source = grain.sources.ArrayRecordDataSource(record_paths(records, "valid"))
+    examples = []
+    for index in range(len(source)):
+        record = TokenizedExample.from_bytes(source[index])
+        examples.append(TaskExample(record.task, record.entity_type, record.output_format,
+                                    tokenizer.decode(record.prompt[1:].tolist()),
+                                    tokenizer.decode(record.completion[:-1].tolist())))
+    write_examples(path, examples)
+
+
+@pytest.fixture(scope="module")
+def recall_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recall")
+    records, tokenizer_dir = write_catalog_dataset(root)
+    tokenizer = MixedTokenizer.load(tokenizer_dir)
+    write_sids_dir(root / "sids.tsv", tokenizer.layout, root / "sids")
+    write_valid_jsonl(records, tokenizer, root / "valid.jsonl")
+    config = tiny_config(root, "run", ("seq_len=128", "steps=4", "eval.every_steps=2", "checkpoint.every_steps=100",
+                                       f"eval.recall_examples={root / 'valid.jsonl'}",
+                                       f"eval.recall_sids={root / 'sids'}", f"eval.recall_users={USERS}",
+                                       "eval.recall_beams=10"))
+    return root, config, train(config)
+
+
+def test_recall_is_logged_at_every_evaluation(recall_run):
+    root, _, result = recall_run
+    evaluations = [r for r in read_metrics(root / "run") if "valid_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 2, 4]
+    for record in evaluations:
+        for key in RECALL_KEYS:
+            assert 0.0 <= record[key] <= 1.0, record
+        assert record["valid_recall@5"] <= record["valid_recall@10"]
+    assert not any(key in r for r in read_metrics(root / "run") if "valid_loss" not in r for key in RECALL_KEYS)
+
+
+def test_recall_equals_the_evaluation_of_the_saved_model(recall_run):
+    root, config, result = recall_run
+    last = [r for r in read_metrics(root / "run") if "valid_loss" in r][-1]
+    generator = load_generator(result.final_dir, root / "sids", make_mesh(MeshConfig(), jax.devices()[:1]),
+                               config.data.tokenizer)
+    expected = evaluate_recommendations(generator, read_examples(root / "valid.jsonl")[:USERS], beams=10,
+                                        show_progress=False)
+    for key in RECALL_KEYS:
+        assert last[key] == pytest.approx(expected[key.removeprefix("valid_")], abs=1e-6)
