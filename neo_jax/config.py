@@ -156,6 +156,8 @@ def _check_override_path(cls: type, dotted: str) -> None:
     current: Any = cls
     walked = []
     for part in dotted.split("."):
+        if current is dict or typing.get_origin(current) is dict:  # a free-form mapping: any key below it
+            return
         if not dataclasses.is_dataclass(current):
             raise ConfigError(f"unknown setting '{dotted}': '{'.'.join(walked)}' is not a section")
         hints = typing.get_type_hints(current)

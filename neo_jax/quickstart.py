@@ -1,0 +1,192 @@
+"""`neo-jax quickstart`: the whole path on the embedded default, end to end.
+
+    generated multi-type catalog -> item embeddings -> SIDs + trie -> task examples ->
+    tokenizer -> ArrayRecord shards -> stage 2 SID grounding -> stage 3 instruction tuning ->
+    constrained beam search on held-out users -> Recall/NDCG@K (with a popularity baseline
+    of the same users in the same run)
+
+Every step writes its own directory under `out`; running again skips finished steps and
+resumes an interrupted training stage from its last checkpoint. Each step is also an
+ordinary command (`neo-jax data synth`, `sids build`, `data tasks`, `tokenizer build`,
+`data records`, `train`, `eval recommend`); the quickstart prints them as it goes, so the
+same run can be reproduced by hand. Settings: `key=value` overrides of `QuickstartConfig`,
+e.g. `instruct_steps=2000 eval_users=1000 out=runs/qs2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from neo_jax.catalog.commands import SidsBuildConfig, build_sids
+from neo_jax.catalog.embed_collab import CollabConfig
+from neo_jax.catalog.embeddings import EmbeddingConfig
+from neo_jax.catalog.embed_text import TextEncoderConfig
+from neo_jax.catalog.sids import SidConfig
+from neo_jax.cli import main as cli_main
+from neo_jax.config import MeshConfig, load_config
+from neo_jax.data.loaders import load_dataset
+from neo_jax.data.splits import leave_one_out
+from neo_jax.data.synthetic import SynthConfig
+from neo_jax.data.tasks import read_examples
+from neo_jax.errors import UserError
+from neo_jax.eval.metrics import ranking_metrics
+
+GROUNDING_TASKS = "sid_to_text,text_to_sid,sid_to_type"
+
+# A small Llama-style decoder (about 1M parameters with the extended vocabulary); `vocab_size`
+# is replaced by the tokenizer's padded vocabulary.
+DEFAULT_MODEL = {
+    "architecture": "LlamaForCausalLM", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 384,
+    "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True, "dtype": "float32",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartConfig:
+    out: str = "runs/quickstart"
+    seed: int = 0
+    synthetic: SynthConfig = SynthConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig(source="fused", text=TextEncoderConfig(dim=128),
+                                                 collab=CollabConfig(dim=32))
+    sids: SidConfig = SidConfig(codebook_sizes=(32, 32), type_codebook_sizes={"brand": (16, 16), "creator": (16,)})
+    text_vocab_size: int = 512  # sentencepiece model trained on the task text
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields replacing DEFAULT_MODEL's
+    mesh: MeshConfig = MeshConfig()
+    batch_size: int = 16
+    seq_len: int = 256
+    grounding_steps: int = 200
+    grounding_lr: float = 1e-2
+    instruct_steps: int = 800
+    instruct_lr: float = 3e-3
+    eval_users: int = 300  # validation users decoded at the end (0: all)
+    beams: int = 10
+
+
+def _say(message: str) -> None:
+    print(f"[quickstart] {message}", file=sys.stderr, flush=True)
+
+
+def _step(name: str, out_dir: Path, command: list[str]) -> None:
+    """Run a CLI step unless its output directory exists (a finished step)."""
+    if out_dir.exists():
+        _say(f"{name}: {out_dir} exists, skipped")
+        return
+    _say(f"{name}: neo-jax {' '.join(command)}")
+    if cli_main(command) != 0:
+        raise UserError(f"quickstart step '{name}' failed (see the message above)")
+
+
+def _train_stage(config: QuickstartConfig, root: Path, stage: str, init: dict, records: Path, steps: int,
+                 learning_rate: float) -> Path:
+    from neo_jax.train.config import TrainConfig
+    from neo_jax.train.trainer import train
+
+    run_dir = root / f"train_{stage}"
+    settings = {
+        "run_dir": str(run_dir), "stage": stage, "init": init, "seed": config.seed,
+        "data": {"records_dir": str(records), "tokenizer": str(root / "tokenizer")},
+        "mesh": dataclasses.asdict(config.mesh), "steps": steps, "batch_size": config.batch_size,
+        "seq_len": config.seq_len, "log_every": 10,
+        "optimizer": {"learning_rate": learning_rate, "warmup_steps": max(1, steps // 10),
+                      "weight_decay": 0.0 if stage == "grounding" else 0.1},
+        "checkpoint": {"every_steps": max(1, steps // 4), "keep": 2},
+        "eval": {"every_steps": max(1, steps // 4), "batches": 4},
+    }
+    config_path = root / f"train_{stage}.yaml"
+    config_path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    _say(f"train {stage}: neo-jax train --config {config_path}")
+    result = train(load_config(TrainConfig, config_path))
+    if result.preempted or result.final_dir is None:
+        raise UserError(f"training stage {stage} stopped at step {result.step}; run the quickstart again to resume")
+    if result.loss is not None:  # None when the stage had already finished
+        _say(f"train {stage}: loss {result.loss:.4f}, valid_loss {result.valid_loss}")
+    return Path(result.final_dir)
+
+
+def popularity_baseline(data_dir: Path, targets: np.ndarray, target_types: list[str],
+                        beams: int) -> dict[str, float]:
+    """Recall/NDCG@K of recommending each user the most frequent training items of the asked type."""
+    dataset = load_dataset(data_dir)
+    counts = np.bincount(np.concatenate(leave_one_out(dataset.interactions.sequences()).train_sequences),
+                         minlength=len(dataset.catalog))  # [n_items] training events per item
+    top = {}
+    for name in set(target_types):
+        rows = np.asarray(dataset.catalog.rows_of_type(name))  # [items of the type]
+        top[name] = rows[np.argsort(-counts[rows], kind="stable")[:beams]]  # [beams]
+    ranked = np.full((len(targets), beams), -1, np.int64)  # [users, beams]
+    for i, name in enumerate(target_types):
+        ranked[i, : len(top[name])] = top[name]
+    return ranking_metrics(ranked, targets, tuple(k for k in (5, 10) if k <= beams))
+
+
+def run_quickstart(config: QuickstartConfig) -> dict:
+    root = Path(config.out)
+    root.mkdir(parents=True, exist_ok=True)
+    synth = config.synthetic
+    _step("data", root / "data", ["data", "synth", str(root / "data"), "--seed", str(synth.seed),
+                                  "--num-items", str(synth.num_items), "--num-users", str(synth.num_users),
+                                  "--num-queries", str(synth.num_queries)])
+    if not (root / "sids").exists():
+        _say("sids: neo-jax sids build (settings in the quickstart config)")
+        summary = build_sids(SidsBuildConfig(data=str(root / "data"), output=str(root / "sids"), seed=config.seed,
+                                             embedding=config.embedding, sids=config.sids))
+        _say(f"sids: {json.dumps({k: summary[k] for k in ('items', 'types') if k in summary})}")
+    sids_tsv = str(root / "sids" / "sids.tsv")
+    _step("tasks", root / "tasks", ["data", "tasks", str(root / "data"), sids_tsv, str(root / "tasks"),
+                                    "--seed", str(config.seed)])
+    _step("grounding tasks", root / "tasks_grounding",
+          ["data", "tasks", str(root / "data"), sids_tsv, str(root / "tasks_grounding"), "--tasks", GROUNDING_TASKS,
+           "--seed", str(config.seed)])
+    _step("tokenizer", root / "tokenizer", ["tokenizer", "build", str(root / "tokenizer"), "--sids",
+                                            str(root / "sids"), "--train", str(root / "tasks"),
+                                            "--vocab-size", str(config.text_vocab_size)])
+    for name in ("tasks", "tasks_grounding"):
+        _step(f"records ({name})", root / f"records_{name}",
+              ["data", "records", str(root / name), str(root / "tokenizer"), str(root / f"records_{name}"),
+               "--shards", "1", "--splits", "train,valid"])
+    model_path = root / "model.yaml"
+    model_path.write_text(yaml.safe_dump({**DEFAULT_MODEL, **config.model, "vocab_size": config.text_vocab_size}),
+                          encoding="utf-8")
+    grounded = _train_stage(config, root, "grounding", {"model_config": str(model_path)},
+                            root / "records_tasks_grounding", config.grounding_steps, config.grounding_lr)
+    tuned = _train_stage(config, root, "instruct", {"checkpoint": str(grounded)}, root / "records_tasks",
+                         config.instruct_steps, config.instruct_lr)
+
+    from neo_jax.decode.commands import load_generator
+    from neo_jax.eval.recommend import evaluate_recommendations, target_rows
+    from neo_jax.sharding import make_mesh
+
+    examples = read_examples(root / "tasks" / "valid.jsonl")
+    examples = examples[: config.eval_users] if config.eval_users else examples
+    _say(f"eval: neo-jax eval recommend --ckpt {tuned} --sids {root / 'sids'} --tokenizer {root / 'tokenizer'} "
+         f"--examples {root / 'tasks' / 'valid.jsonl'} --beams {config.beams} --limit {len(examples)}")
+    generator = load_generator(tuned, root / "sids", make_mesh(config.mesh), root / "tokenizer")
+    model_metrics = evaluate_recommendations(generator, examples, beams=config.beams)
+    result = {"out": str(root), "validation_users": len(examples), "model": model_metrics,
+              "popularity_baseline": popularity_baseline(root / "data", target_rows(examples, generator),
+                                                         [e.entity_type for e in examples], config.beams),
+              "checkpoint": str(tuned)}
+    (root / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="settings of the run, e.g. out=runs/qs instruct_steps=2000 mesh.data=2")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_quickstart(load_config(QuickstartConfig, None, args.overrides))
+    print(json.dumps(result))
+    return 0
