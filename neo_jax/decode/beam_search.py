@@ -19,7 +19,7 @@ from jax import lax
 
 from neo_jax.decode.constraint import Constraint
 from neo_jax.decode.state import (NEG_INF, DecodeResult, PyTree, TokensToLogits, expand_beams, gather_beams,
-                                  gather_flat_beams, is_alive, step_positions)
+                                  gather_flat_beams, is_alive, next_token_log_probs)
 from neo_jax.errors import UserError
 
 
@@ -88,12 +88,10 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_tok
         return (state.step < max_new_tokens) & ~jnp.all(done)
 
     def step(state: BeamState) -> BeamState:
-        flat_tokens = state.last_tokens.reshape(batch * beams, 1)  # [batch*beams, 1]
-        positions = step_positions(prompt_lengths, state.step, beams)  # [batch*beams, 1]
-        logits, new_cache = tokens_to_logits(flat_tokens, state.live_cache, positions)  # [batch*beams, vocab]
-        vocab = logits.shape[-1]
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, beams, vocab)
-        allowed, children = constraint.allowed(state.live_constraint, vocab)  # [batch, beams, vocab]
+        log_probs, allowed, children, new_cache = next_token_log_probs(
+            tokens_to_logits, state.last_tokens, state.live_cache, prompt_lengths, state.step, constraint,
+            state.live_constraint)  # log_probs, allowed: [batch, beams, vocab]
+        vocab = log_probs.shape[-1]
         log_probs = jnp.where(allowed, log_probs, NEG_INF)  # [batch, beams, vocab]
         sequence_log_probs = state.live_log_probs[..., None] + log_probs  # [batch, beams, vocab]
 

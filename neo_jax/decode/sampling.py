@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from neo_jax.decode.constraint import Constraint
-from neo_jax.decode.state import NEG_INF, DecodeResult, PyTree, TokensToLogits, expand_beams, step_positions
+from neo_jax.decode.state import (NEG_INF, DecodeResult, PyTree, TokensToLogits, expand_beams,
+                                  next_token_log_probs)
 from neo_jax.errors import UserError
 
 
@@ -95,12 +96,9 @@ def sample(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_token: j
         return (state.step < max_new_tokens) & ~jnp.all(state.ended)
 
     def step(state: SamplingState) -> SamplingState:
-        flat_tokens = state.last_tokens.reshape(batch * num_samples, 1)  # [batch*samples, 1]
-        positions = step_positions(prompt_lengths, state.step, num_samples)  # [batch*samples, 1]
-        logits, new_cache = tokens_to_logits(flat_tokens, state.cache, positions)  # [batch*samples, vocab]
-        vocab = logits.shape[-1]
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, num_samples, vocab)
-        allowed, children = constraint.allowed(state.constraint, vocab)  # [batch, samples, vocab]
+        log_probs, allowed, children, new_cache = next_token_log_probs(
+            tokens_to_logits, state.last_tokens, state.cache, prompt_lengths, state.step, constraint,
+            state.constraint)  # log_probs, allowed: [batch, samples, vocab]
         rng, key = jax.random.split(state.rng)
         chosen = choose_tokens(jnp.where(allowed, log_probs, NEG_INF), key, temperature, top_k, top_p)
         live = ~state.ended  # [batch, samples]

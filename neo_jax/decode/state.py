@@ -74,3 +74,21 @@ def step_positions(prompt_lengths: jax.Array, step: jax.Array, beams: int) -> ja
     """Position of the token fed at `step` for every beam: `[batch]` -> `[batch*beams, 1]`."""
     positions = prompt_lengths.astype(jnp.int32) - 1 + step  # [batch]
     return jnp.repeat(positions, beams)[:, None]  # [batch*beams, 1]
+
+
+def next_token_log_probs(tokens_to_logits: TokensToLogits, last_tokens: jax.Array, cache: PyTree,
+                         prompt_lengths: jax.Array, step: jax.Array, constraint: Any, constraint_state: PyTree):
+    """One model step for every sequence of the loop.
+
+    `last_tokens` `[batch, width]` (width = beams or samples) -> `(log_probs [batch, width, vocab]`
+    float32 (unmasked), `allowed [batch, width, vocab]` bool, the constraint's `children` for
+    `constraint.advance`, the new cache)`.
+    """
+    batch, width = last_tokens.shape
+    flat_tokens = last_tokens.reshape(batch * width, 1)  # [batch*width, 1]
+    positions = step_positions(prompt_lengths, step, width)  # [batch*width, 1]
+    logits, new_cache = tokens_to_logits(flat_tokens, cache, positions)  # [batch*width, vocab]
+    vocab = logits.shape[-1]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, width, vocab)
+    allowed, children = constraint.allowed(constraint_state, vocab)  # [batch, width, vocab]
+    return log_probs, allowed, children, new_cache
