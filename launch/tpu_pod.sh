@@ -39,8 +39,9 @@ else
   "${tpu[@]}" create "$name" --zone "$zone" --accelerator-type "$accelerator" --version "$runtime" "${spot_flag[@]}"
 fi
 
-archive="$(mktemp -t neo_jax.XXXXXX).tar.gz"
-trap 'rm -f "$archive"' EXIT
+staging="$(mktemp -d)"
+archive="$staging/neo_jax.tar.gz"
+trap 'rm -rf "$staging"' EXIT
 git ls-files -z --cached --others --exclude-standard | tar --null -czf "$archive" -T -
 "${tpu[@]}" scp "$archive" "$name:neo_jax.tar.gz" --zone "$zone" --worker=all
 
