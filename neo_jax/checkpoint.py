@@ -31,6 +31,7 @@ from neo_jax.model.config import ModelConfig
 from neo_jax.model.decoder import Decoder
 from neo_jax.sharding import state_shardings
 from neo_jax.vocab import VocabLayout
+from neo_jax.json_file import read_json_object
 
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
@@ -66,10 +67,7 @@ def load_hf_config(directory: str | Path) -> dict[str, Any] | None:
     path = _checkpoint_dir(directory) / HF_CONFIG
     if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return read_json_object(path)
 
 
 def abstract_decoder(config: ModelConfig) -> Decoder:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from neo_jax.errors import UserError
+from neo_jax.json_file import read_json_object
 
 SID_OPEN = "[SID]"
 SID_CLOSE = "[/SID]"
@@ -170,10 +171,8 @@ class VocabLayout:
 
     @classmethod
     def load(cls, path: str | Path) -> "VocabLayout":
-        path = Path(path)
+        values = read_json_object(path)
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise UserError(f"{path}: vocabulary layout file not found") from None
+            return cls.from_dict(values)
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: not a valid vocabulary layout ({e})") from None

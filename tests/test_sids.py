@@ -350,7 +350,7 @@ def test_collaborative_sid_embeddings_never_see_evaluation_targets():
     import dataclasses as dc
 
     from neo_jax.catalog.embeddings import EmbeddingConfig, item_embeddings
-    from neo_jax.data.schema import Dataset, Interactions
+    from neo_jax.data.schema import Dataset
     from neo_jax.data.synthetic import SynthConfig, generate
 
     dataset = generate(SynthConfig(num_items=200, num_users=60, num_queries=10, negative_prob=0.0))

@@ -1,6 +1,5 @@
 """`neo-jax tokenizer build`: a trained text model plus the SID blocks of a `sids build` output."""
 
-import json
 
 import pytest
 

@@ -20,6 +20,7 @@ from neo_jax.catalog.store import load_sid_trie, save_sid_trie
 from neo_jax.catalog.table import SidTrie
 from neo_jax.errors import UserError
 from neo_jax.vocab import EntityType
+from neo_jax.json_file import read_json_object
 
 TRIE_DIR = "trie"
 SIDS_TSV = "sids.tsv"
@@ -59,11 +60,9 @@ def load_sid_output(directory: str | Path) -> SidOutput:
     """Read a `sids build` directory; the item ids come from `sids.tsv` (one line per trie item)."""
     directory = Path(directory)
     summary_path, tsv_path = directory / SUMMARY, directory / SIDS_TSV
+    summary = read_json_object(summary_path, f"is {directory} the output of `neo-jax sids build`?")
     try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
         entity_types = tuple(EntityType(t["name"], tuple(t["codebook_sizes"])) for t in summary["entity_types"])
-    except FileNotFoundError:
-        raise UserError(f"{summary_path}: not found; is {directory} the output of `neo-jax sids build`?") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{summary_path}: not a valid SID summary ({e!r})") from None
     trie = load_sid_trie(directory / TRIE_DIR)

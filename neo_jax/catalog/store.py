@@ -16,6 +16,7 @@ import tensorstore as ts
 
 from neo_jax.catalog.table import SidTrie
 from neo_jax.errors import UserError
+from neo_jax.json_file import read_json_object
 
 META_FILE = "trie.json"
 FORMAT_VERSION = 1
@@ -55,13 +56,7 @@ def load_sid_trie(directory: str | Path) -> SidTrie:
     """Read a trie written by `save_sid_trie`; a missing or inconsistent file is a `UserError`."""
     directory = Path(directory)
     meta_path = directory / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{meta_path}: not found; is {directory} a SID trie directory (`neo-jax sids build`)?") \
-            from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+    meta = read_json_object(meta_path, f"is {directory} a SID trie directory (`neo-jax sids build`)?")
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{meta_path}: format version {meta.get('format_version')!r}; "
                         f"this neo_jax reads version {FORMAT_VERSION}")

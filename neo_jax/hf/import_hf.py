@@ -7,7 +7,6 @@ Hugging Face name, checks its shape against `config.json`, converts it to our la
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -23,6 +22,7 @@ from neo_jax.model.config import ModelConfig
 from neo_jax.model.decoder import Decoder
 from neo_jax.sharding import load_sharded
 from neo_jax.tokenizer.text import TextTokenizer, load_text_tokenizer
+from neo_jax.json_file import read_json_object
 
 HF_CONFIG_FILE = "config.json"
 # Tokenizer files of a Hugging Face directory, in order of preference.
@@ -53,16 +53,7 @@ class MappingTensorSource:
 
 
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / HF_CONFIG_FILE
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found (is {model_dir} a Hugging Face model directory?)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(Path(model_dir) / HF_CONFIG_FILE, f"is {model_dir} a Hugging Face model directory?")
 
 
 def decoder_from_hf_tensors(hf_config: dict[str, Any], source: TensorSource, mesh: Mesh, dtype: str = "float32",

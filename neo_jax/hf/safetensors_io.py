@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from neo_jax.errors import UserError
+from neo_jax.json_file import read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,7 +37,7 @@ class SafetensorsReader:
         index, single = self.model_dir / INDEX_FILE, self.model_dir / SINGLE_FILE
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                weight_map = read_json_object(index)["weight_map"]
                 return {name: self.model_dir / file for name, file in weight_map.items()}
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise UserError(f"{index}: not a valid safetensors index ({e!r})") from None

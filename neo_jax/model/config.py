@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from neo_jax.errors import UserError
+from neo_jax.json_file import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -187,11 +188,9 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
+        values = read_json_object(path)
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise UserError(f"{path}: model config file not found") from None
+            return cls.from_dict(values)
         except (TypeError, ValueError) as e:
             raise UserError(f"{path}: not a valid model config ({e})") from None
 

@@ -19,6 +19,7 @@ import tokenizers
 
 from neo_jax.atomic import atomic_write_bytes, atomic_write_text
 from neo_jax.errors import UserError
+from neo_jax.json_file import read_json_object
 
 META_FILE = "text_tokenizer.json"
 
@@ -135,10 +136,7 @@ def _special_token_ids(tokenizer: tokenizers.Tokenizer, config_path: Path) -> di
     """`{"bos_token": id, ...}` from a Hugging Face `tokenizer_config.json` (absent file: no ids)."""
     if not config_path.is_file():
         return {}
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_path}: not valid JSON ({e})") from None
+    config = read_json_object(config_path)
     ids = {}
     for key in ("bos_token", "eos_token", "pad_token"):
         token = config.get(key)
@@ -191,8 +189,8 @@ def load_text_tokenizer(path: str | Path) -> TextTokenizer:
 
 def _load_saved(directory: Path) -> TextTokenizer:
     meta_path = directory / META_FILE
+    meta = read_json_object(meta_path)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         kind, file = meta["kind"], directory / meta["file"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{meta_path}: not a valid tokenizer description ({e!r})") from None
