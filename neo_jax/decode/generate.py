@@ -14,6 +14,7 @@ prompt but its last token into the cache, and the decoding loop feeds that last 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Collection, Literal, Mapping, Sequence
 
@@ -258,6 +259,16 @@ class Generator:
         self.titles, self.mesh = titles, mesh
         self.tables = SidTables.from_trie(sids.trie, layout)
         self.row_of_id = {item_id: row for row, item_id in enumerate(sids.item_ids)}
+
+    def with_model(self, model: Decoder) -> "Generator":
+        """The same tokenizer, catalog and device tables with another model of the same vocabulary
+        (a later state of a training run), so the trie is not moved to the devices again."""
+        if model.config.vocab_size != self.model.config.vocab_size:
+            raise UserError(f"the new model has {model.config.vocab_size} vocabulary rows, "
+                            f"not {self.model.config.vocab_size}")
+        generator = copy.copy(self)
+        generator.model = model
+        return generator
 
     def generate(self, prompts: Sequence[str], settings: DecodeSettings, *,
                  excluded_ids: Sequence[Sequence[str]] | None = None, allowed_ids: Collection[str] | None = None,

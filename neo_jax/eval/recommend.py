@@ -84,8 +84,12 @@ def recall_hook(tokenizer: MixedTokenizer, sids: SidOutput, examples: Sequence[T
     if beams < 10:
         raise UserError(f"Recall@10 needs at least 10 beams, got {beams}")
 
+    generator: Generator | None = None  # built at the first call; later calls only swap the model
+
     def hook(model: Decoder, step: int) -> dict[str, float]:
-        generator = Generator(model, tokenizer, sids, tokenizer.eos_id, mesh=mesh)
+        nonlocal generator
+        generator = (Generator(model, tokenizer, sids, tokenizer.eos_id, mesh=mesh) if generator is None
+                     else generator.with_model(model))
         metrics = evaluate_recommendations(generator, examples, beams=beams, show_progress=False)
         return {f"valid_{name}": metrics[name] for name in RECALL_METRICS}
 

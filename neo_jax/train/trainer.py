@@ -140,6 +140,7 @@ class _Run:
     checkpoints: TrainCheckpoints
     throughput: _Throughput
     hooks: list[ValidationHook]  # the config's own validation metrics (Recall@K)
+    merge_params: Callable  # jitted: (trainable, frozen) -> the model's params (adapters merged)
 
 
 def _config_hooks(config: TrainConfig, mesh: Mesh) -> list[ValidationHook]:
@@ -189,7 +190,8 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
     throughput = _Throughput(config.batch_size * config.seq_len, flops_per_token, peak)
-    return _Run(config, graphdef, plan, layout, steps, state, start_step, data, checkpoints, throughput, hooks)
+    return _Run(config, graphdef, plan, layout, steps, state, start_step, data, checkpoints, throughput, hooks,
+                jax.jit(plan.params))
 
 
 def _global_batch(run: _Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -213,7 +215,7 @@ def validation_loss(run: _Run) -> float:
 
 def current_model(run: _Run) -> Decoder:
     """The model as trained so far (adapters merged), on the run's mesh."""
-    params = jax.jit(run.plan.params)(run.state["trainable"], run.state["frozen"])
+    params = run.merge_params(run.state["trainable"], run.state["frozen"])
     return nnx.merge(run.graphdef, params)
 
 
