@@ -15,7 +15,8 @@ import numpy as np
 from hypothesis import strategies as st
 
 from neo_jax.catalog.table import SidTrie, build_trie
-from neo_jax.decode.constraint import OutputFormat, SidConstraint, SidTables, sid_requests
+from neo_jax.decode.constraint import OutputFormat, SidConstraint, sid_requests
+from neo_jax.decode.sid_tables import SidTables
 from neo_jax.vocab import EntityType, VocabLayout
 
 TEXT_SIZE = 6
@@ -27,7 +28,7 @@ LAYOUT = VocabLayout(TEXT_SIZE, ENTITY_TYPES, pad_multiple=16)
 MAX_ITEMS = 1 + 2 * 3 + 3 * 2 * 2
 # Bounds on the trie of any such catalog; the device tables are padded to them.
 MAX_NODES = 1 + 1 + (2 + 6) + (3 + 6 + 12)
-MAX_CHILDREN = 1 + 2 + 3
+MAX_ROOT_CHILDREN = 1 + 2 + 3
 MAX_EXCLUDED = MAX_ITEMS + 1
 
 
@@ -61,21 +62,26 @@ def catalogs(draw) -> Catalog:
 
 
 def _grow(array: jax.Array, size: int, value) -> jax.Array:
-    return jnp.concatenate([array, jnp.full(size - array.shape[0], value, array.dtype)])
+    """`array` padded along its first axis to `size` rows of `value`."""
+    padding = jnp.full((size - array.shape[0],) + array.shape[1:], value, array.dtype)
+    return jnp.concatenate([array, padding])
 
 
 def fixed_shape_constraint(constraint: SidConstraint) -> SidConstraint:
-    """Pad the trie arrays with unreachable childless nodes, the gather width and the allowed-items
-    prefix counts to the bounds above, so every random catalog gives the same array shapes."""
+    """Pad the trie tables with unreachable childless nodes (and the root's child lists with
+    tokens past the SID range) to the bounds above, so every random catalog gives the same shapes."""
     tables, requests_on_device = constraint.tables, constraint.requests
+    sid_end = tables.sid_start + sum(tables.block_sizes)
     tables = tables.replace(
         child_start=_grow(tables.child_start, MAX_NODES + 1, tables.child_start[-1]),
-        node_token=_grow(tables.node_token, MAX_NODES, -1), node_type=_grow(tables.node_type, MAX_NODES, 0),
+        child_bits=_grow(tables.child_bits, MAX_NODES + 1, 0), child_block=_grow(tables.child_block, MAX_NODES + 1, -1),
+        node_code=_grow(tables.node_code, MAX_NODES, -1),
         subtree_lo=_grow(tables.subtree_lo, MAX_NODES, 0), subtree_hi=_grow(tables.subtree_hi, MAX_NODES, 0),
-        max_children=MAX_CHILDREN)
-    if requests_on_device.allowed_prefix is not None:
-        prefix = requests_on_device.allowed_prefix
-        requests_on_device = requests_on_device.replace(allowed_prefix=_grow(prefix, MAX_ITEMS + 1, prefix[-1]))
+        root_token=_grow(tables.root_token, MAX_ROOT_CHILDREN, sid_end),
+        root_type=_grow(tables.root_type, MAX_ROOT_CHILDREN, 0))
+    if requests_on_device.child_bits is not None:
+        requests_on_device = requests_on_device.replace(
+            child_bits=_grow(requests_on_device.child_bits, MAX_NODES + 1, 0))
     return constraint.replace(tables=tables, requests=requests_on_device)
 
 

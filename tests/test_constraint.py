@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neo_jax.catalog.table import build_trie
-from neo_jax.decode.constraint import SidConstraint, SidState, SidTables, Unconstrained, sid_requests
+from neo_jax.decode.constraint import SidConstraint, SidState, Unconstrained, sid_requests
+from neo_jax.decode.sid_tables import SidTables
 from neo_jax.errors import UserError
 from neo_jax.vocab import EntityType, VocabLayout
 from sid_fixtures import EOS_ID, ReferenceRules, allowed_rows_masks, build_constraint, catalogs, requests
@@ -24,8 +25,8 @@ def allowed_tokens(constraint, state, vocab_size):
 
 
 @jax.jit
-def advance(constraint, state, children, tokens):
-    return constraint.advance(state, children, tokens)
+def advance(constraint, state, tokens):
+    return constraint.advance(state, tokens)
 
 
 def walk_request(constraint: SidConstraint, row: int, rules: ReferenceRules, vocab_size: int) -> set[tuple]:
@@ -37,7 +38,7 @@ def walk_request(constraint: SidConstraint, row: int, rules: ReferenceRules, voc
     reached = set()
 
     def visit(generated: tuple[int, ...], state: SidState) -> None:
-        mask, children = allowed_tokens(constraint, state, vocab_size)  # [batch, 1, vocab]
+        mask = allowed_tokens(constraint, state, vocab_size)  # [batch, 1, vocab]
         allowed = set(np.flatnonzero(np.asarray(mask[row, 0])).tolist())
         assert allowed == rules.next_tokens(generated), generated
         in_span, prefix, closed = rules.parse(generated)
@@ -46,7 +47,7 @@ def walk_request(constraint: SidConstraint, row: int, rules: ReferenceRules, voc
             return
         for token in sorted(allowed if in_span else allowed & {rules.open}):
             tokens = jnp.full((batch, 1), token, jnp.int32)  # the other rows' states are not read
-            visit(generated + (token,), advance(constraint, state, children, tokens))
+            visit(generated + (token,), advance(constraint, state, tokens))
 
     visit((), constraint.init_state(batch, 1))
     return reached
@@ -93,7 +94,7 @@ def test_padding_rows_and_sid_codes_are_never_allowed_outside_a_span():
                                       beam_size=1)
     constraint = SidConstraint.create(tables, requests_on_device, layout, EOS_ID)
     vocab = layout.padded_size + 8  # a model head wider than the layout
-    mask, _ = allowed_tokens(constraint, constraint.init_state(1, 2), vocab)  # [1, 2, vocab]
+    mask = allowed_tokens(constraint, constraint.init_state(1, 2), vocab)  # [1, 2, vocab]
     expected = np.zeros(vocab, bool)
     expected[: layout.text_size] = True
     expected[layout.sid_open_id] = True
@@ -101,8 +102,8 @@ def test_padding_rows_and_sid_codes_are_never_allowed_outside_a_span():
 
 
 def test_unconstrained_masks_only_padding_rows():
-    mask, children = Unconstrained(vocab_limit=13).allowed((), 16)
-    assert np.array_equal(np.asarray(mask), np.arange(16) < 13) and children == ()
+    mask = Unconstrained(vocab_limit=13).allowed((), 16)
+    assert np.array_equal(np.asarray(mask), np.arange(16) < 13)
 
 
 def test_excluding_every_item_of_a_type_closes_that_branch():
@@ -113,10 +114,10 @@ def test_excluding_every_item_of_a_type_closes_that_branch():
     assert np.asarray(requests_on_device.has_items).tolist() == [True, False]
     constraint = SidConstraint.create(tables, requests_on_device, layout, EOS_ID)
     state = SidState(in_span=jnp.ones((2, 1), bool), node=jnp.zeros((2, 1), jnp.int32))  # right after [SID]
-    mask, _ = allowed_tokens(constraint, state, layout.padded_size)
+    mask = allowed_tokens(constraint, state, layout.padded_size)
     allowed = np.flatnonzero(np.asarray(mask[0, 0]))
     assert allowed.tolist() == [layout.sid_token("song", 0, 0), layout.sid_token("song", 0, 2)]
-    outside, _ = allowed_tokens(constraint, constraint.init_state(2, 1), layout.padded_size)
+    outside = allowed_tokens(constraint, constraint.init_state(2, 1), layout.padded_size)
     assert not bool(outside[1, 0, layout.sid_open_id])  # no artist left: `[SID]` would be a dead end
 
 
@@ -146,10 +147,18 @@ def test_eos_must_be_a_text_token():
         SidConstraint.create(tables, requests_on_device, layout, eos_id=7)
 
 
-def test_excluded_rows_become_sorted_distinct_trie_positions():
+def test_exclusions_close_leaves_and_emptied_subtrees():
+    """Request 0 excludes song [0, 0] (twice): below song code 0 only code 1 is left. Request 1
+    excludes songs [0, 0] and [0, 1]: song code 0 holds nothing, so after `[SID]` only song code 2
+    is allowed."""
     layout, trie, tables = small_catalog()
-    requests_on_device = sid_requests(trie, layout, tables, entity_types=[["song"]], output_formats=["ids"],
-                                      beam_size=1, excluded_rows=[[2, 0, 2]])
-    position_of_row = np.argsort(trie.item_order)
-    expected = sorted(position_of_row[[0, 2]].tolist()) + [np.iinfo(np.int32).max]
-    assert np.asarray(requests_on_device.excluded)[0].tolist() == expected
+    requests_on_device = sid_requests(trie, layout, tables, entity_types=[["song"], ["song"]],
+                                      output_formats=["mixed", "mixed"], beam_size=1, excluded_rows=[[0, 0], [1, 0]])
+    constraint = SidConstraint.create(tables, requests_on_device, layout, EOS_ID)
+    opened = advance(constraint, constraint.init_state(2, 1), jnp.full((2, 1), layout.sid_open_id))
+    at_root = np.asarray(allowed_tokens(constraint, opened, layout.padded_size))  # [2, 1, vocab]
+    assert np.flatnonzero(at_root[1, 0]).tolist() == [layout.sid_token("song", 0, 2)]
+    assert np.flatnonzero(at_root[0, 0]).tolist() == [layout.sid_token("song", 0, 0), layout.sid_token("song", 0, 2)]
+    below = advance(constraint, opened, jnp.full((2, 1), layout.sid_token("song", 0, 0)))
+    mask = np.asarray(allowed_tokens(constraint, below, layout.padded_size))  # [2, 1, vocab]
+    assert np.flatnonzero(mask[0, 0]).tolist() == [layout.sid_token("song", 1, 1)]

@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from neo_jax.catalog.table import build_trie
-from neo_jax.decode.constraint import SidConstraint, SidTables, Unconstrained, sid_requests
+from neo_jax.decode.constraint import SidConstraint, Unconstrained, sid_requests
 from neo_jax.decode.generate import DecodeSettings, ItemRef, decode, pack_prompts, resolve, split_sids
+from neo_jax.decode.sid_tables import SidTables
 from neo_jax.errors import UserError
 from neo_jax.config import MeshConfig
 from neo_jax.model.config import ModelConfig

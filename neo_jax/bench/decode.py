@@ -3,14 +3,17 @@
 For each catalog size (synthetic SIDs of one entity type, default 10k, 1M and 10M items of 4
 levels of 256 codes) one random decoder runs the same beam search loop three ways on the same
 prefilled prompts, in ID mode (`[SID]`, one item's codes, `[/SID]`, EOS):
-- `constrained`: `SidConstraint`, the trie as device arrays (one gather and one mask a step);
+- `constrained`: `SidConstraint`, the trie as device bitmaps (one row per beam a step);
 - `unconstrained`: `Unconstrained`, the no-op constraint in the same loop;
 - `host_trie`: `HostTrieConstraint`, a Python dict trie consulted on the host every step
   through `jax.pure_callback`, as `prefix_allowed_tokens_fn` users do (skipped above
   `--host-trie-max-items`: building the dict takes minutes and gigabytes).
-Time per step is a run's wall time (after a compiling warm-up, median of `--repeats`) over the
-loop iterations it ran; the prefill is not timed. `*_overhead_ms_per_step` is a constrained
-run's time per step minus the unconstrained one's: the constraint's own cost in the loop.
+Time per step is a run's wall time over the loop iterations it ran (after a compiling warm-up;
+the prefill is not timed). The variants take turns, one run each per round, for `--repeats`
+rounds, so a shared machine's slow spells hit them alike: `*_ms_per_step` is the median over
+rounds, `overhead_ratio` and `speedup_vs_host_trie` are medians of the per-round ratios (runs
+seconds apart), and `*_overhead_ms_per_step` is the difference of the medians: the
+constraint's own cost in the loop.
 `invalid_items` counts decoded SIDs of the constrained run that name no catalog item (must be 0).
 
 At the smallest size, unless `--no-torch`, the same weights are exported as a Hugging Face
@@ -41,8 +44,9 @@ from neo_jax.bench.trie import synthetic_codes
 from neo_jax.catalog.table import SidTrie, build_trie
 from neo_jax.checkpoint import abstract_decoder, save_model
 from neo_jax.decode.beam_search import beam_search
-from neo_jax.decode.constraint import Constraint, SidConstraint, SidTables, Unconstrained, sid_requests
+from neo_jax.decode.constraint import Constraint, SidConstraint, Unconstrained, sid_requests
 from neo_jax.decode.generate import decoder_step, pack_prompts, prefill, split_sids
+from neo_jax.decode.sid_tables import SidTables
 from neo_jax.decode.state import DecodeResult
 from neo_jax.errors import UserError
 from neo_jax.model import Decoder
@@ -62,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4, help="prompts per batch (default 4)")
     parser.add_argument("--beams", type=int, default=8, help="beam size (default 8)")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per random prompt (default 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the median counts (default 3)")
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="timed rounds, one run of each variant per round; medians count (default 15)")
     parser.add_argument("--host-trie-max-items", type=int, default=1_000_000,
                         help="largest catalog for the host-side trie baseline (default 1000000)")
     parser.add_argument("--no-torch", action="store_true",
@@ -93,16 +98,23 @@ def search(model: Decoder, cache, last, lengths, constraint: Constraint, beams: 
                        max_new_tokens=max_new_tokens, eos_id=eos_id)
 
 
-def ms_per_step(run, repeats: int, label: str) -> tuple[float, DecodeResult]:
-    """Median wall milliseconds per loop iteration over `repeats` runs, after one compiling run."""
-    result = jax.block_until_ready(run())
-    times = []
+def interleaved_ms_per_step(runs: dict, repeats: int, label: str) -> tuple[dict, dict]:
+    """Wall milliseconds per loop iteration of each run, `repeats` rounds taking turns, after one
+    compiling run each: `({name: [ms per round]}, {name: last result})`."""
+    results = {name: jax.block_until_ready(run()) for name, run in runs.items()}
+    times = {name: [] for name in runs}
     for i in range(repeats):
-        start = time.perf_counter()
-        result = jax.block_until_ready(run())
-        times.append((time.perf_counter() - start) * 1e3 / max(int(result.steps), 1))
-        print(f"bench decode: {label}: run {i + 1}/{repeats}, {times[-1]:.3f} ms/step", file=sys.stderr, flush=True)
-    return statistics.median(times), result
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = jax.block_until_ready(run())
+            times[name].append((time.perf_counter() - start) * 1e3 / max(int(results[name].steps), 1))
+        print(f"bench decode: {label}: round {i + 1}/{repeats}: "
+              + ", ".join(f"{name} {t[-1]:.3f}" for name, t in times.items()) + " ms/step", file=sys.stderr, flush=True)
+    return times, results
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    return statistics.median(n / d for n, d in zip(numerator, denominator))
 
 
 def item_rows(result: DecodeResult, layout: VocabLayout, trie: SidTrie) -> tuple[list[list[int | None]], int]:
@@ -135,34 +147,40 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, n_items: int, promp
     cache = prefill_cache(model, prompts.tokens, prompts.segment_ids, prompts.positions, max_new_tokens)
     last, lengths = prompts.tokens[:, -1], prompts.lengths
 
-    def timed(constraint: Constraint, label: str, eos_id: int = EOS_ID) -> tuple[float, DecodeResult]:
-        return ms_per_step(lambda: search(model, cache, last, lengths, constraint, args.beams, max_new_tokens,
-                                          eos_id), args.repeats, f"{n_items} items, {label}")
-
-    # Every ID-mode beam ends at step `max_new_tokens`; the unconstrained run gets an EOS id no
-    # token has, so it also runs exactly `max_new_tokens` steps.
-    constrained_ms, constrained_result = timed(constrained, "constrained")
-    unconstrained_ms, unconstrained_result = timed(Unconstrained(layout.size), "unconstrained", eos_id=-1)
-    if int(constrained_result.steps) != int(unconstrained_result.steps):
-        raise AssertionError(f"the runs took {int(constrained_result.steps)} and "
-                             f"{int(unconstrained_result.steps)} steps; the comparison needs equal counts")
-    rows, invalid = item_rows(constrained_result, layout, trie)
-    out = {"items": n_items, "num_nodes": trie.num_nodes, "max_children": trie.max_children,
-           "steps_per_run": int(constrained_result.steps),
-           "constrained_ms_per_step": round(constrained_ms, 4), "unconstrained_ms_per_step": round(unconstrained_ms, 4),
-           "overhead_ratio": round(constrained_ms / unconstrained_ms, 4), "invalid_items": invalid,
-           "constraint_overhead_ms_per_step": round(constrained_ms - unconstrained_ms, 4),
-           "items_decoded": sum(len(r) for r in rows), "host_trie_ms_per_step": None, "speedup_vs_host_trie": None,
-           "host_trie_overhead_ms_per_step": None}
     host_trie = None
     if n_items <= args.host_trie_max_items:
         start = time.perf_counter()
         host_trie = HostTrie(trie, layout, EOS_ID)
         print(f"bench decode: {n_items} items: host dict trie built in {time.perf_counter() - start:.1f}s",
               file=sys.stderr, flush=True)
-        host_ms, _ = timed(HostTrieConstraint(host_trie), "host trie")
-        out.update(host_trie_ms_per_step=round(host_ms, 4), speedup_vs_host_trie=round(host_ms / constrained_ms, 2),
-                   host_trie_overhead_ms_per_step=round(host_ms - unconstrained_ms, 4))
+
+    def run(constraint: Constraint, eos_id: int = EOS_ID):
+        return lambda: search(model, cache, last, lengths, constraint, args.beams, max_new_tokens, eos_id)
+
+    # Every ID-mode beam ends at step `max_new_tokens`; the unconstrained run gets an EOS id no
+    # token has, so it also runs exactly `max_new_tokens` steps.
+    runs = {"constrained": run(constrained), "unconstrained": run(Unconstrained(layout.size), eos_id=-1)}
+    if host_trie is not None:
+        runs["host_trie"] = run(HostTrieConstraint(host_trie))
+    times, results = interleaved_ms_per_step(runs, args.repeats, f"{n_items} items")
+    if int(results["constrained"].steps) != int(results["unconstrained"].steps):
+        raise AssertionError(f"the runs took {int(results['constrained'].steps)} and "
+                             f"{int(results['unconstrained'].steps)} steps; the comparison needs equal counts")
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    rows, invalid = item_rows(results["constrained"], layout, trie)
+    out = {"items": n_items, "num_nodes": trie.num_nodes, "max_children": trie.max_children,
+           "steps_per_run": int(results["constrained"].steps),
+           "constrained_ms_per_step": round(ms["constrained"], 4),
+           "unconstrained_ms_per_step": round(ms["unconstrained"], 4),
+           "overhead_ratio": round(median_ratio(times["constrained"], times["unconstrained"]), 4),
+           "invalid_items": invalid,
+           "constraint_overhead_ms_per_step": round(ms["constrained"] - ms["unconstrained"], 4),
+           "items_decoded": sum(len(r) for r in rows), "host_trie_ms_per_step": None, "speedup_vs_host_trie": None,
+           "host_trie_overhead_ms_per_step": None}
+    if host_trie is not None:
+        out.update(host_trie_ms_per_step=round(ms["host_trie"], 4),
+                   speedup_vs_host_trie=round(median_ratio(times["host_trie"], times["constrained"]), 2),
+                   host_trie_overhead_ms_per_step=round(ms["host_trie"] - ms["unconstrained"], 4))
     return out, trie, host_trie, rows
 
 

@@ -66,10 +66,10 @@ class HostTrieConstraint:
                              span=jnp.zeros((batch, beams, self.host_trie.max_levels), jnp.int32),
                              span_len=jnp.zeros((batch, beams), jnp.int32))
 
-    def allowed(self, state: HostSpanState, vocab_size: int) -> tuple[jax.Array, tuple]:
+    def allowed(self, state: HostSpanState, vocab_size: int) -> jax.Array:
         out = jax.ShapeDtypeStruct(state.phase.shape + (vocab_size,), jnp.bool_)  # [batch, beams, vocab]
         host_mask = functools.partial(self._host_mask, vocab_size)
-        return jax.pure_callback(host_mask, out, state.phase, state.span, state.span_len), ()
+        return jax.pure_callback(host_mask, out, state.phase, state.span, state.span_len)
 
     def _host_mask(self, vocab_size: int, phase: np.ndarray, span: np.ndarray, span_len: np.ndarray) -> np.ndarray:
         """One dict lookup per beam, the way a `prefix_allowed_tokens_fn` works."""
@@ -85,7 +85,7 @@ class HostTrieConstraint:
             mask[beam][allowed] = True
         return mask
 
-    def advance(self, state: HostSpanState, children: tuple, tokens: jax.Array) -> HostSpanState:
+    def advance(self, state: HostSpanState, tokens: jax.Array) -> HostSpanState:
         trie = self.host_trie
         opened = (state.phase == BEFORE_SPAN) & (tokens == trie.sid_open)  # [batch, beams]
         closed = (state.phase == IN_SPAN) & (tokens == trie.sid_close)  # [batch, beams]

@@ -40,7 +40,7 @@ class SidTrie:
     item_order: np.ndarray  # [n_items] int32, catalog row of the k-th leaf in trie order
     subtree_lo: np.ndarray  # [num_nodes] int32, first trie-order leaf position under the node
     subtree_hi: np.ndarray  # [num_nodes] int32, one past the last leaf position under the node
-    max_children: int  # widest CSR row: the decoder's static gather width
+    max_children: int  # widest CSR row (reported by `sids build` and the benchmarks)
 
     @property
     def n_items(self) -> int:

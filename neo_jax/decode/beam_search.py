@@ -88,7 +88,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_tok
         return (state.step < max_new_tokens) & ~jnp.all(done)
 
     def step(state: BeamState) -> BeamState:
-        log_probs, allowed, children, new_cache = next_token_log_probs(
+        log_probs, allowed, new_cache = next_token_log_probs(
             tokens_to_logits, state.last_tokens, state.live_cache, prompt_lengths, state.step, constraint,
             state.live_constraint)  # log_probs, allowed: [batch, beams, vocab]
         vocab = log_probs.shape[-1]
@@ -100,7 +100,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_tok
         parents = top_index // vocab  # [batch, 2*beams]
         top_tokens = top_index % vocab  # [batch, 2*beams]
         top_seqs = gather_beams(state.live_tokens, parents).at[:, :, state.step].set(top_tokens)
-        top_constraint = constraint.advance(*gather_beams((state.live_constraint, children), parents), top_tokens)
+        top_constraint = constraint.advance(gather_beams(state.live_constraint, parents), top_tokens)
         # As in HF transformers, an EOS candidate counts only if it ranks among the best K, so that
         # one beam is greedy decoding; EOS candidates ranked lower are dropped.
         in_top_k = jnp.arange(2 * beams) < beams  # [2*beams]

@@ -2,20 +2,20 @@
 
 A constraint is a pytree with three methods the decoding loops call every step:
 - `init_state(batch, beams)`: the per-beam state, leaves `[batch, beams, ...]`;
-- `allowed(state, vocab_size) -> (mask, children)`: a bool mask broadcastable to
-  `[batch, beams, vocab]` and a per-beam pytree the transition needs (leaves `[batch, beams, ...]`);
-- `advance(state, children, tokens [batch, beams]) -> state`: the state after taking `tokens`.
-A beam search gathers the state and `children` by parent beam before `advance`, exactly as it
-gathers the KV cache. `Unconstrained` is the no-op (only the vocabulary's padding rows are
-masked), so constrained and unconstrained decoding run the same loop.
+- `allowed(state, vocab_size) -> mask`: bool, broadcastable to `[batch, beams, vocab]`;
+- `advance(state, tokens [batch, beams]) -> state`: the state after taking `tokens`.
+A beam search gathers the state by parent beam before `advance`, exactly as it gathers the KV
+cache. `Unconstrained` is the no-op (only the vocabulary's padding rows are masked), so
+constrained and unconstrained decoding run the same loop.
 
-`SidConstraint` walks the trie of `neo_jax.catalog.table` (see its contract). Per beam it keeps
-`in_span` (inside `[SID] ... [/SID]`) and `node` (the trie node reached; outside a span, the leaf of
-the last item closed, or 0 before any). Per request it holds the allowed entity types, the output
-format (`text`: no SIDs; `mixed`: text and SIDs; `ids`: one SID then EOS) and an optional item
-restriction. A step costs one gather of `max_children` trie entries per beam and one scatter
-into a `[vocab]` mask, whatever the catalog size. A child is allowed iff its subtree still holds
-an allowed item, so a restricted catalog never leaves a beam in a dead end.
+`SidConstraint` walks the trie through the bitmaps of `neo_jax.decode.sid_tables`. Per beam it
+keeps `in_span` (inside `[SID] ... [/SID]`) and `node` (the trie node reached; outside a span,
+the leaf of the last item closed, or 0 before any). Per request it holds the output format
+(`text`: no SIDs; `mixed`: text and SIDs; `ids`: one SID then EOS), the tokens allowed right
+after `[SID]` (the level-0 codes of allowed types that still hold an allowed item) and, when it
+restricts items, which children lost every item. A step costs one bitmap row per beam and
+elementwise work over the vocabulary, whatever the catalog size. A child is allowed iff its
+subtree still holds an allowed item, so a restricted catalog never leaves a beam in a dead end.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neo_jax.catalog.table import ROOT, SidTrie, node_tokens
+from neo_jax.catalog.table import ROOT, SidTrie
+from neo_jax.decode.sid_tables import WORD_BITS, SidTables, expand_bits
 from neo_jax.decode.state import PyTree
 from neo_jax.errors import UserError
 from neo_jax.vocab import VocabLayout
@@ -39,9 +40,9 @@ _NO_ITEM = np.iinfo(np.int32).max  # padding of the sorted excluded-position lis
 class Constraint(Protocol):
     def init_state(self, batch: int, beams: int) -> PyTree: ...
 
-    def allowed(self, state: PyTree, vocab_size: int) -> tuple[jax.Array, PyTree]: ...
+    def allowed(self, state: PyTree, vocab_size: int) -> jax.Array: ...
 
-    def advance(self, state: PyTree, children: PyTree, tokens: jax.Array) -> PyTree: ...
+    def advance(self, state: PyTree, tokens: jax.Array) -> PyTree: ...
 
 
 class OutputFormat(enum.IntEnum):
@@ -69,106 +70,109 @@ class Unconstrained:
     def init_state(self, batch: int, beams: int) -> tuple:
         return ()
 
-    def allowed(self, state: tuple, vocab_size: int) -> tuple[jax.Array, tuple]:
-        return jnp.arange(vocab_size) < self.vocab_limit, ()  # [vocab]
+    def allowed(self, state: tuple, vocab_size: int) -> jax.Array:
+        return jnp.arange(vocab_size) < self.vocab_limit  # [vocab]
 
-    def advance(self, state: tuple, children: tuple, tokens: jax.Array) -> tuple:
+    def advance(self, state: tuple, tokens: jax.Array) -> tuple:
         return state
-
-
-@flax.struct.dataclass
-class SidTables:
-    """The trie on device, shared by every request (about 20 bytes a node)."""
-
-    child_start: jax.Array  # [num_nodes + 1] int32: children of n are child_start[n] .. child_start[n+1]-1
-    node_token: jax.Array  # [num_nodes] int32: token id of the edge into the node (root: -1)
-    node_type: jax.Array  # [num_nodes] int32: entity type index (root: 0, never read)
-    subtree_lo: jax.Array  # [num_nodes] int32: first trie-order item position under the node
-    subtree_hi: jax.Array  # [num_nodes] int32: one past the last
-    max_children: int = flax.struct.field(pytree_node=False)
-    num_types: int = flax.struct.field(pytree_node=False)
-
-    @classmethod
-    def from_trie(cls, trie: SidTrie, layout: VocabLayout) -> "SidTables":
-        return cls(
-            child_start=jnp.asarray(trie.child_start, jnp.int32),
-            node_token=jnp.asarray(node_tokens(trie, layout), jnp.int32),
-            node_type=jnp.asarray(np.maximum(trie.node_type, 0), jnp.int32),
-            subtree_lo=jnp.asarray(trie.subtree_lo, jnp.int32),
-            subtree_hi=jnp.asarray(trie.subtree_hi, jnp.int32),
-            max_children=int(trie.max_children),
-            num_types=len(trie.levels_per_type),
-        )
-
-    def child_slots(self, node: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The `max_children` child slots of each node: `[...]` -> node ids and real flags `[..., max_children]`."""
-        start = self.child_start[node]  # [...]
-        end = self.child_start[node + 1]  # [...]
-        slots = start[..., None] + jnp.arange(self.max_children, dtype=jnp.int32)  # [..., max_children]
-        real = slots < end[..., None]  # [..., max_children]
-        return jnp.where(real, slots, ROOT), real
 
 
 @flax.struct.dataclass
 class SidRequests:
     """Per-request constants of the SID constraint."""
 
-    allowed_types: jax.Array  # [batch, num_types] bool
     output_format: jax.Array  # [batch] int32 (OutputFormat)
+    root_mask: jax.Array  # [batch, sid_tokens] bool: SID tokens allowed right after `[SID]`
     has_items: jax.Array  # [batch] bool: at least one allowed item exists, so `[SID]` leads somewhere
-    excluded: jax.Array | None  # [batch, max_excluded] int32 sorted distinct trie positions, _NO_ITEM padding
-    allowed_prefix: jax.Array | None  # [n_items + 1] int32: allowed items among the first k in trie order
+    child_bits: jax.Array | None  # [bitmap_rows, words] uint32: the tables' bitmaps less children with no allowed item
+    dead_parent: jax.Array | None  # [batch, dead] int32: a node one of whose children lost every item (-1: none)
+    dead_code: jax.Array | None  # [batch, dead] int32: that child's code
 
     @classmethod
     def create(cls, tables: SidTables, allowed_types: jax.Array, output_format: jax.Array,
-               excluded: jax.Array | None = None, allowed_items: jax.Array | None = None) -> "SidRequests":
+               excluded: jax.Array | None = None, excluded_tokens: jax.Array | None = None,
+               allowed_items: jax.Array | None = None) -> "SidRequests":
         """Device-side setup (traceable).
 
         `allowed_types` `[batch, num_types]` bool; `output_format` `[batch]` int32;
-        `excluded` `[batch, max_excluded]` int32 trie-order positions, -1 padding;
+        `excluded` `[batch, max_excluded]` int32 sorted distinct trie positions of items the
+        request may not name, `_NO_ITEM` padding, and `excluded_tokens` `[batch, max_excluded,
+        max_levels]` int32 their SID tokens (-1 past an item's depth and in padding);
         `allowed_items` `[n_items]` bool over trie order, shared by the batch.
         """
-        allowed_prefix = None
+        allowed_prefix = None  # [n_items + 1]: allowed items among the first k in trie order
         if allowed_items is not None:
             allowed_prefix = jnp.concatenate(
                 [jnp.zeros(1, jnp.int32), jnp.cumsum(allowed_items.astype(jnp.int32), dtype=jnp.int32)])
-        if excluded is not None:
-            excluded = _distinct_allowed_positions(excluded, allowed_items)  # [batch, max_excluded]
-        requests = cls(allowed_types=allowed_types, output_format=output_format.astype(jnp.int32),
-                       has_items=jnp.ones(output_format.shape, bool), excluded=excluded,
-                       allowed_prefix=allowed_prefix)
-        root = jnp.zeros((output_format.shape[0], 1), jnp.int32)  # [batch, 1]
-        child, real = tables.child_slots(root)  # [batch, 1, max_children]
-        has_items = jnp.any(real & requests.available(tables, child), axis=(1, 2))  # [batch]
-        return requests.replace(has_items=has_items)
 
-    def available(self, tables: SidTables, node: jax.Array) -> jax.Array:
-        """Whether each node's subtree holds an item this request may emit: `[batch, ...]` -> `[batch, ...]` bool."""
-        batch = node.shape[0]
-        batch_index = jnp.arange(batch).reshape((batch,) + (1,) * (node.ndim - 1))  # [batch, 1, ...]
-        type_ok = self.allowed_types[batch_index, tables.node_type[node]]  # [batch, ...]
-        lo, hi = tables.subtree_lo[node], tables.subtree_hi[node]  # [batch, ...]
-        if self.allowed_prefix is None:
-            count = hi - lo  # [batch, ...]
-        else:
-            count = self.allowed_prefix[hi] - self.allowed_prefix[lo]  # [batch, ...]
-        if self.excluded is not None:
-            below = jax.vmap(lambda row, v: jnp.searchsorted(row, v, side="left"))
-            count = count - (below(self.excluded, hi) - below(self.excluded, lo))  # [batch, ...]
-        return type_ok & (count > 0)
+        def item_count(node: jax.Array) -> jax.Array:
+            """Items each request may still name under each node: `[batch, n]` -> `[batch, n]`."""
+            lo, hi = tables.subtree_lo[node], tables.subtree_hi[node]  # [batch, n]
+            count = hi - lo if allowed_prefix is None else allowed_prefix[hi] - allowed_prefix[lo]
+            if excluded is not None:
+                below = jax.vmap(lambda row, v: jnp.searchsorted(row, v, side="left"))
+                count = count - (below(excluded, hi) - below(excluded, lo))  # [batch, n]
+            return count
+
+        batch = output_format.shape[0]
+        root_children = jnp.broadcast_to(1 + jnp.arange(tables.root_token.shape[0]), (batch, tables.root_token.shape[0]))
+        root_ok = allowed_types[:, tables.root_type] & (item_count(root_children) > 0)  # [batch, root_children]
+        sid_tokens = tables.root_child.shape[0]
+        root_mask = jnp.zeros((batch, sid_tokens), bool).at[:, tables.root_token - tables.sid_start].set(
+            root_ok, mode="drop")  # [batch, sid_tokens]
+
+        dead_parent = dead_code = None
+        if excluded_tokens is not None and excluded_tokens.shape[-1] > 1:
+            dead_parent, dead_code = _dead_children(tables, excluded_tokens, item_count)
+        return cls(output_format=output_format.astype(jnp.int32), root_mask=root_mask,
+                   has_items=jnp.any(root_mask, axis=1),
+                   child_bits=None if allowed_prefix is None else _restricted_bits(tables, allowed_prefix),
+                   dead_parent=dead_parent, dead_code=dead_code)
+
+    def cleared_bits(self, node: jax.Array, words: int) -> jax.Array:
+        """The bits of children with no item left for the request: `[batch, beams]` -> `[batch, beams, words]` uint32."""
+        match = self.dead_parent[:, None, :] == node[:, :, None]  # [batch, beams, dead]
+        word = (self.dead_code // WORD_BITS)[:, None, :, None]  # [batch, 1, dead, 1]
+        bit = (jnp.uint32(1) << (self.dead_code % WORD_BITS).astype(jnp.uint32))[:, None, :, None]
+        hit = match[..., None] & (word == jnp.arange(words))  # [batch, beams, dead, words]
+        return jax.lax.reduce(jnp.where(hit, bit, jnp.uint32(0)), jnp.uint32(0), jax.lax.bitwise_or, (2,))
+
+
+def _dead_children(tables: SidTables, excluded_tokens: jax.Array, item_count) -> tuple[jax.Array, jax.Array]:
+    """Walk each excluded item's path below the root; a node on it with no item left is dead.
+
+    Returns `(parent, code)` `[batch, max_excluded * (max_levels - 1)]` int32 of each dead node
+    below level 0 (parent -1 where the node is alive or absent); level 0 is the root mask's.
+    """
+    tokens, max_levels = excluded_tokens, excluded_tokens.shape[-1]  # [batch, max_excluded, max_levels]
+    parents, codes = [], []
+    node = tables.child(jnp.zeros(tokens.shape[:2], jnp.int32), tokens[..., 0])  # [batch, max_excluded]
+    for level in range(1, max_levels):
+        token = tokens[..., level]  # [batch, max_excluded]
+        child = tables.child(node, token)  # [batch, max_excluded]
+        present = token >= 0
+        dead = present & (item_count(child) <= 0)  # [batch, max_excluded]
+        parents.append(jnp.where(dead, node, -1))
+        codes.append(tables.child_code(node, token))
+        node = child
+    return jnp.concatenate(parents, axis=1), jnp.concatenate(codes, axis=1)
+
+
+def _restricted_bits(tables: SidTables, allowed_prefix: jax.Array) -> jax.Array:
+    """The tables' bitmaps keeping only children whose subtree holds an allowed item."""
+    num_nodes = tables.node_code.shape[0]
+    rows, words = tables.child_bits.shape
+    nodes = jnp.arange(1, num_nodes, dtype=jnp.int32)  # [num_nodes - 1]: every node but the root
+    parent = jnp.searchsorted(tables.child_start, nodes, side="right").astype(jnp.int32) - 1  # [num_nodes - 1]
+    available = allowed_prefix[tables.subtree_hi[nodes]] > allowed_prefix[tables.subtree_lo[nodes]]
+    code = tables.node_code[nodes]  # [num_nodes - 1]
+    bit = jnp.where(available, jnp.uint32(1) << (code % WORD_BITS).astype(jnp.uint32), jnp.uint32(0))
+    # The children of one (parent, word) set distinct bits, so adding them ORs them.
+    flat = jnp.zeros(rows * words, jnp.uint32).at[parent * words + code // WORD_BITS].add(bit, mode="drop")
+    return flat.reshape(rows, words)
 
 
 _create_requests = jax.jit(SidRequests.create)
-
-
-def _distinct_allowed_positions(excluded: jax.Array, allowed_items: jax.Array | None) -> jax.Array:
-    """Sort each row, drop padding, repeats and items the global mask already removes (no double count)."""
-    keep = excluded >= 0  # [batch, max_excluded]
-    if allowed_items is not None:
-        keep &= allowed_items[jnp.maximum(excluded, 0)]
-    keys = jnp.sort(jnp.where(keep, excluded, _NO_ITEM), axis=1)  # [batch, max_excluded]
-    repeat = jnp.concatenate([jnp.zeros_like(keys[:, :1], bool), keys[:, 1:] == keys[:, :-1]], axis=1)
-    return jnp.sort(jnp.where(repeat, _NO_ITEM, keys), axis=1)  # [batch, max_excluded]
 
 
 @flax.struct.dataclass
@@ -180,18 +184,10 @@ class SidState:
 
 
 @flax.struct.dataclass
-class SidChildren:
-    """The allowed children of each beam's node, kept from the mask for the transition."""
-
-    node: jax.Array  # [batch, beams, max_children] int32
-    token: jax.Array  # [batch, beams, max_children] int32, -1 where not allowed
-
-
-@flax.struct.dataclass
 class SidConstraint:
     tables: SidTables
     requests: SidRequests
-    text_size: int = flax.struct.field(pytree_node=False)  # ids below it are text (padding rows lie past the SIDs)
+    text_size: int = flax.struct.field(pytree_node=False)  # ids below it are text
     sid_open: int = flax.struct.field(pytree_node=False)
     sid_close: int = flax.struct.field(pytree_node=False)
     eos_id: int = flax.struct.field(pytree_node=False)
@@ -206,39 +202,47 @@ class SidConstraint:
     def init_state(self, batch: int, beams: int) -> SidState:
         return SidState(in_span=jnp.zeros((batch, beams), bool), node=jnp.zeros((batch, beams), jnp.int32))
 
-    def allowed(self, state: SidState, vocab_size: int) -> tuple[jax.Array, SidChildren]:
+    def allowed(self, state: SidState, vocab_size: int) -> jax.Array:
         """Outside a span, by output format: `text`: text tokens (EOS among them); `mixed`: text and
         `[SID]`; `ids`: exactly one item, `[SID]` first and then EOS, so a request's beams are
-        distinct items. Inside: the allowed children of the node, or `[/SID]` at a leaf."""
-        batch, beams = state.node.shape
-        child, real = self.tables.child_slots(state.node)  # [batch, beams, max_children]
-        ok = real & state.in_span[..., None] & self.requests.available(self.tables, child)
-        child_token = jnp.where(ok, self.tables.node_token[child], -1)  # [batch, beams, max_children]
+        distinct items. Inside: the codes of the node's children that hold an allowed item, or
+        `[/SID]` at a leaf. The mask is `[text | specials | SID blocks | padding]`, built by
+        broadcasting per-beam flags against the vocabulary, with no scatter."""
+        tables, requests = self.tables, self.requests
+        sid_end = tables.sid_start + sum(tables.block_sizes)
+        if vocab_size < sid_end:
+            raise UserError(f"the model's vocabulary of {vocab_size} rows is smaller than the layout's {sid_end}")
+        node, in_span = state.node, state.in_span  # [batch, beams]
+        row = tables.row(node)  # [batch, beams]
+        bits = (tables.child_bits if requests.child_bits is None else requests.child_bits)[row]  # [batch, beams, words]
+        if requests.dead_parent is not None:
+            bits = bits & ~requests.cleared_bits(node, tables.words)
+        block = tables.child_block[row]  # [batch, beams]
+        code_ok = expand_bits(bits)  # [batch, beams, words * 32]
+        below_root = jnp.concatenate([code_ok[..., :size] & (block == b)[..., None]
+                                      for b, size in enumerate(tables.block_sizes)], axis=-1)  # [batch, beams, sid]
+        at_root = node == ROOT  # [batch, beams]
+        sid = jnp.where(at_root[..., None], requests.root_mask[:, None, :], below_root) & in_span[..., None]
 
-        outside = ~state.in_span  # [batch, beams]
-        output_format = self.requests.output_format[:, None]  # [batch, 1]
-        has_items = self.requests.has_items[:, None]  # [batch, 1]
+        outside = ~in_span  # [batch, beams]
+        output_format = requests.output_format[:, None]  # [batch, 1]
+        has_items = requests.has_items[:, None]  # [batch, 1]
         id_mode = output_format == OutputFormat.IDS  # [batch, 1]
-        names_item_next = id_mode & has_items & (state.node == ROOT)  # [batch, beams]: ID mode, no item yet
+        names_item_next = id_mode & has_items & at_root  # [batch, beams]: ID mode, no item yet
         open_ok = outside & has_items & ((output_format == OutputFormat.MIXED) | names_item_next)
         eos_ok = outside & ~names_item_next  # [batch, beams]
         text_ok = outside & ~id_mode  # [batch, beams]
-        close_ok = state.in_span & ~jnp.any(real, axis=-1)  # [batch, beams]: at a leaf
-        specials = jnp.stack([jnp.where(close_ok, self.sid_close, -1), jnp.where(open_ok, self.sid_open, -1),
-                              jnp.where(eos_ok, self.eos_id, -1)], axis=-1)  # [batch, beams, 3]
-        targets = jnp.concatenate([child_token, specials], axis=-1)  # [batch, beams, max_children + 3]
-        targets = jnp.where(targets < 0, vocab_size, targets)  # out of range: dropped by the scatter
-        batch_index = jnp.arange(batch)[:, None, None]  # [batch, 1, 1]
-        beam_index = jnp.arange(beams)[None, :, None]  # [1, beams, 1]
-        listed = jnp.zeros((batch, beams, vocab_size), bool).at[batch_index, beam_index, targets].set(
-            True, mode="drop")  # [batch, beams, vocab]
-        text = jnp.arange(vocab_size) < self.text_size  # [vocab]
-        mask = listed | (text & text_ok[..., None])  # [batch, beams, vocab]
-        return mask, SidChildren(node=child, token=child_token)
+        close_ok = in_span & ~at_root & (block < 0)  # [batch, beams]: at a leaf
+        text_ids = jnp.arange(self.text_size)  # [text]
+        text = text_ok[..., None] | ((text_ids == self.eos_id) & eos_ok[..., None])  # [batch, beams, text]
+        special_ids = jnp.arange(self.text_size, tables.sid_start)  # [specials]
+        specials = (((special_ids == self.sid_open) & open_ok[..., None])
+                    | ((special_ids == self.sid_close) & close_ok[..., None]))  # [batch, beams, specials]
+        padding = jnp.zeros(node.shape + (vocab_size - sid_end,), bool)  # [batch, beams, padding]
+        return jnp.concatenate([text, specials, sid, padding], axis=-1)  # [batch, beams, vocab]
 
-    def advance(self, state: SidState, children: SidChildren, tokens: jax.Array) -> SidState:
-        match = children.token == tokens[..., None]  # [batch, beams, max_children]
-        child = jnp.max(jnp.where(match, children.node, ROOT), axis=-1)  # [batch, beams]
+    def advance(self, state: SidState, tokens: jax.Array) -> SidState:
+        child = self.tables.child(state.node, tokens)  # [batch, beams]
         opened = ~state.in_span & (tokens == self.sid_open)  # [batch, beams]
         stepped = state.in_span & (tokens != self.sid_close)  # [batch, beams]
         node = jnp.where(opened, ROOT, jnp.where(stepped, child, state.node))  # [batch, beams]
@@ -285,13 +289,37 @@ def sid_requests(trie: SidTrie, layout: VocabLayout, tables: SidTables, *,
     # [batch, max_excluded] catalog rows, -1 padding
     excluded = None if excluded_rows is None else _padded_rows(excluded_rows, trie.n_items, max_excluded)
     _check_enough_items(trie, layout, formats, allowed_types, excluded, allowed_rows, beam_size)
+    positions = tokens = None
     if excluded is not None:
-        position_of_row = np.empty(trie.n_items, np.int32)  # [n_items]
-        position_of_row[trie.item_order] = np.arange(trie.n_items, dtype=np.int32)
-        excluded = np.where(excluded >= 0, position_of_row[np.maximum(excluded, 0)], -1)  # [batch, max_excluded]
+        positions, tokens = _excluded_items(trie, layout, excluded, allowed_rows)
     allowed_items = None if allowed_rows is None else jnp.asarray(allowed_rows[trie.item_order])  # [n_items]
     return _create_requests(tables, jnp.asarray(allowed_types), jnp.asarray(formats),
-                            None if excluded is None else jnp.asarray(excluded), allowed_items)
+                            None if positions is None else jnp.asarray(positions),
+                            None if tokens is None else jnp.asarray(tokens), allowed_items)
+
+
+def _excluded_items(trie: SidTrie, layout: VocabLayout, excluded: np.ndarray,
+                    allowed_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The excluded items each request could otherwise name, sorted by trie position, no repeats.
+
+    `excluded` `[batch, width]` catalog rows (-1 padding) -> `[batch, width]` int32 trie positions
+    (`_NO_ITEM` padding) and `[batch, width, max_levels]` int32 their SID tokens (-1 padding).
+    Items the allowed-items mask already removes are dropped, so nothing is counted twice.
+    """
+    position_of_row = np.empty(trie.n_items, np.int64)  # [n_items]
+    position_of_row[trie.item_order] = np.arange(trie.n_items)
+    keep = excluded >= 0  # [batch, width]
+    if allowed_rows is not None:
+        keep &= allowed_rows[np.maximum(excluded, 0)]
+    positions = np.sort(np.where(keep, position_of_row[np.maximum(excluded, 0)], _NO_ITEM), axis=1)
+    repeat = np.zeros(positions.shape, bool)  # [batch, width]
+    repeat[:, 1:] = positions[:, 1:] == positions[:, :-1]
+    positions = np.sort(np.where(repeat, _NO_ITEM, positions), axis=1)  # [batch, width]
+    rows = trie.item_order[np.minimum(positions, trie.n_items - 1)]  # [batch, width]
+    codes = trie.codes[rows]  # [batch, width, max_levels]
+    real = (codes >= 0) & (positions < _NO_ITEM)[..., None]  # [batch, width, max_levels]
+    tokens = np.where(real, layout.block_offset_table()[trie.item_types[rows]] + codes, -1)
+    return positions.astype(np.int32), tokens.astype(np.int32)
 
 
 def _padded_rows(rows_per_request: Sequence[Sequence[int]], n_items: int, width: int | None) -> np.ndarray:

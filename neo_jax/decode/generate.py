@@ -26,8 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from neo_jax.catalog.sid_output import SidOutput
 from neo_jax.catalog.table import SidTrie
 from neo_jax.decode.beam_search import beam_search, check_beam_settings
-from neo_jax.decode.constraint import Constraint, SidConstraint, SidTables, Unconstrained, sid_requests
+from neo_jax.decode.constraint import Constraint, SidConstraint, Unconstrained, sid_requests
 from neo_jax.decode.sampling import check_sampling_settings, sample
+from neo_jax.decode.sid_tables import SidTables
 from neo_jax.decode.state import DecodeResult, TokensToLogits, is_alive
 from neo_jax.data.tasks import parse_header
 from neo_jax.errors import UserError

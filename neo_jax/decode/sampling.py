@@ -96,7 +96,7 @@ def sample(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_token: j
         return (state.step < max_new_tokens) & ~jnp.all(state.ended)
 
     def step(state: SamplingState) -> SamplingState:
-        log_probs, allowed, children, new_cache = next_token_log_probs(
+        log_probs, allowed, new_cache = next_token_log_probs(
             tokens_to_logits, state.last_tokens, state.cache, prompt_lengths, state.step, constraint,
             state.constraint)  # log_probs, allowed: [batch, samples, vocab]
         rng, key = jax.random.split(state.rng)
@@ -112,7 +112,7 @@ def sample(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_token: j
             log_probs=state.log_probs + jnp.where(live, chosen_log_probs, 0.0),  # [batch, samples]
             ended=state.ended | (live & (chosen == eos_id)),  # [batch, samples]
             cache=new_cache,
-            constraint=constraint.advance(state.constraint, children, chosen),
+            constraint=constraint.advance(state.constraint, chosen),
             rng=rng,
         )
 

@@ -81,8 +81,7 @@ def next_token_log_probs(tokens_to_logits: TokensToLogits, last_tokens: jax.Arra
     """One model step for every sequence of the loop.
 
     `last_tokens` `[batch, width]` (width = beams or samples) -> `(log_probs [batch, width, vocab]`
-    float32 (unmasked), `allowed [batch, width, vocab]` bool, the constraint's `children` for
-    `constraint.advance`, the new cache)`.
+    float32 (unmasked), `allowed` bool broadcastable to `[batch, width, vocab]`, the new cache)`.
     """
     batch, width = last_tokens.shape
     flat_tokens = last_tokens.reshape(batch * width, 1)  # [batch*width, 1]
@@ -90,5 +89,5 @@ def next_token_log_probs(tokens_to_logits: TokensToLogits, last_tokens: jax.Arra
     logits, new_cache = tokens_to_logits(flat_tokens, cache, positions)  # [batch*width, vocab]
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, width, vocab)
-    allowed, children = constraint.allowed(constraint_state, vocab)  # [batch, width, vocab]
-    return log_probs, allowed, children, new_cache
+    allowed = constraint.allowed(constraint_state, vocab)  # [batch, width, vocab]
+    return log_probs, allowed, new_cache

@@ -1,0 +1,134 @@
+"""The SID trie as decoder tables: for every inner node, a bitmap of its children's codes.
+
+The decoder never lists a node's children. Below the root, all children of a node are codes of
+one SID block of the vocabulary (one entity type, one level), so a bitmap of `words` uint32
+words per node (bit c set iff the node has a child of code c) says which tokens may follow,
+and the rank of a code among the set bits (a popcount) says which child it leads to: CSR
+children are sorted by code, so child = `child_start[node] + rank`. A step then costs a gather
+of one bitmap row per beam and elementwise work over the vocabulary, whatever the catalog
+size and however wide the trie's nodes. The root's children span the level-0 blocks of every
+type; requests turn them into a per-request token mask once (`root_token`, `root_type`), and
+`root_child` maps a level-0 token back to its node.
+
+Bitmap rows exist for node ids up to the last inner node, plus one trailing zero row that
+every larger id (a leaf) reads; leaves have no set bit and `child_block` -1.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neo_jax.catalog.table import ROOT, SidTrie, node_tokens
+from neo_jax.vocab import VocabLayout
+
+WORD_BITS = 32
+
+
+@flax.struct.dataclass
+class SidTables:
+    """The trie on device, shared by every request."""
+
+    child_start: jax.Array  # [num_nodes + 1] int32: children of n are child_start[n] .. child_start[n+1]-1
+    child_bits: jax.Array  # [bitmap_rows, words] uint32: bit c of row n set iff node n has a child of code c
+    child_block: jax.Array  # [bitmap_rows] int32: SID block of node n's children (-1: root or leaf)
+    node_code: jax.Array  # [num_nodes] int32: code of the edge into the node (root: -1)
+    subtree_lo: jax.Array  # [num_nodes] int32: first trie-order item position under the node
+    subtree_hi: jax.Array  # [num_nodes] int32: one past the last
+    root_token: jax.Array  # [root_children] int32: token id of each child of the root (nodes 1, 2, ...)
+    root_type: jax.Array  # [root_children] int32: its entity type
+    root_child: jax.Array  # [sid_tokens] int32: node a SID token names right after `[SID]` (-1: none)
+    block_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)  # codebook size of each SID block
+    block_offsets: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)  # [type][level] first id
+    sid_start: int = flax.struct.field(pytree_node=False)  # first SID token id
+
+    @classmethod
+    def from_trie(cls, trie: SidTrie, layout: VocabLayout) -> "SidTables":
+        tokens = node_tokens(trie, layout)  # [num_nodes]; also checks the layout matches the trie
+        block_sizes = tuple(int(s) for t in layout.entity_types for s in t.codebook_sizes)
+        words = -(-max(block_sizes) // WORD_BITS)
+        child_bits, child_block = _bitmaps(trie, words)
+        root_children = np.arange(1, trie.child_start[ROOT + 1])  # [root_children]
+        root_child = np.full(layout.sid_end - layout.sid_start, -1, np.int32)  # [sid_tokens]
+        root_child[tokens[root_children] - layout.sid_start] = root_children
+        return cls(
+            child_start=jnp.asarray(trie.child_start, jnp.int32),
+            child_bits=jnp.asarray(child_bits),
+            child_block=jnp.asarray(child_block),
+            node_code=jnp.asarray(trie.node_code, jnp.int32),
+            subtree_lo=jnp.asarray(trie.subtree_lo, jnp.int32),
+            subtree_hi=jnp.asarray(trie.subtree_hi, jnp.int32),
+            root_token=jnp.asarray(tokens[root_children], jnp.int32),
+            root_type=jnp.asarray(trie.node_type[root_children], jnp.int32),
+            root_child=jnp.asarray(root_child),
+            block_sizes=block_sizes,
+            block_offsets=tuple(tuple(row) for row in layout.block_offsets()),
+            sid_start=layout.sid_start,
+        )
+
+    @property
+    def words(self) -> int:
+        return int(self.child_bits.shape[1])
+
+    @property
+    def num_types(self) -> int:
+        return len(self.block_offsets)
+
+    def row(self, node: jax.Array) -> jax.Array:
+        """Bitmap row of each node: its own below the last inner node, the zero row past it."""
+        return jnp.minimum(node, self.child_bits.shape[0] - 1)
+
+    def child_code(self, node: jax.Array, token: jax.Array) -> jax.Array:
+        """The code a SID `token` stands for below `node` (`[...]` int32 each; meaningless at the root)."""
+        block_start = jnp.asarray([o for offsets in self.block_offsets for o in offsets], jnp.int32)  # [blocks]
+        return token - block_start[jnp.maximum(self.child_block[self.row(node)], 0)]  # [...]
+
+    def child(self, node: jax.Array, token: jax.Array) -> jax.Array:
+        """The child of `node` along the SID `token` it allowed (`[...]` int32 each)."""
+        row = self.row(node)  # [...]
+        code = self.child_code(node, token)  # [...]
+        below = code_bits_below(code, self.words)  # [..., words]
+        rank = jnp.sum(jax.lax.population_count(self.child_bits[row] & below), axis=-1, dtype=jnp.int32)  # [...]
+        sid_index = jnp.clip(token - self.sid_start, 0, self.root_child.shape[0] - 1)  # [...]
+        child = jnp.where(node == ROOT, self.root_child[sid_index], self.child_start[node] + rank)  # [...]
+        return jnp.maximum(child, ROOT)  # a token no live beam could take leads back to the root
+
+
+def code_bits_below(code: jax.Array, words: int) -> jax.Array:
+    """`[...]` codes -> `[..., words]` uint32 masks of the bits of every smaller code."""
+    word_index = jnp.arange(words, dtype=jnp.int32)  # [words]
+    code = code[..., None]  # [..., 1]
+    partial = (jnp.uint32(1) << (code % WORD_BITS).astype(jnp.uint32)) - jnp.uint32(1)  # [..., 1]
+    full = jnp.uint32(0xFFFFFFFF)
+    return jnp.where(word_index < code // WORD_BITS, full,
+                     jnp.where(word_index == code // WORD_BITS, partial, jnp.uint32(0)))
+
+
+def expand_bits(bits: jax.Array) -> jax.Array:
+    """`[..., words]` uint32 -> `[..., words * 32]` bool, bit c of the bitmap at position c."""
+    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)  # [32]
+    flags = ((bits[..., None] >> shifts) & jnp.uint32(1)).astype(bool)  # [..., words, 32]
+    return flags.reshape(bits.shape[:-1] + (bits.shape[-1] * WORD_BITS,))
+
+
+def _bitmaps(trie: SidTrie, words: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host build of `child_bits [rows, words]` uint32 and `child_block [rows]` int32 (vectorised numpy)."""
+    child_counts = np.diff(trie.child_start)  # [num_nodes]
+    inner = np.flatnonzero(child_counts > 0)  # [inner_nodes], ascending
+    rows = int(inner[-1]) + 2  # every node up to the last inner one, then the zero row
+    child_bits = np.zeros((rows, words), np.uint32)  # [rows, words]
+    children = np.arange(1, trie.num_nodes)  # [num_nodes - 1]
+    parents = np.repeat(np.arange(trie.num_nodes, dtype=np.int64), child_counts)  # [num_nodes - 1]
+    codes = trie.node_code[children].astype(np.int64)  # [num_nodes - 1]
+    slots = parents * words + codes // WORD_BITS  # [num_nodes - 1], nondecreasing (children sorted by code)
+    values = np.left_shift(np.uint32(1), (codes % WORD_BITS).astype(np.uint32))  # [num_nodes - 1]
+    starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])  # first child of each (parent, word)
+    # Children of one (parent, word) set distinct bits, so their sum is their OR.
+    child_bits.reshape(-1)[slots[starts]] = np.add.reduceat(values, starts, dtype=np.uint32)
+    offsets = np.cumsum([0] + list(trie.levels_per_type))  # block of (type t, level l) = offsets[t] + l
+    child_block = np.full(rows, -1, np.int32)  # [rows]
+    below_root = inner[inner != ROOT]
+    child_block[below_root] = (offsets[trie.node_type[below_root]] + trie.node_level[below_root] + 1)
+    return child_bits, child_block
