@@ -140,6 +140,14 @@ def test_pack_prompts_left_pads_with_positions_from_each_prompt_start():
     assert packed.lengths.tolist() == [3, 1]
 
 
+def test_pack_prompts_rounds_the_width_up_within_the_context():
+    packed = pack_prompts([(7, 8, 9), (5,)], max_context=8, max_new_tokens=2, vocab_limit=10, width_multiple=4)
+    assert packed.tokens.tolist() == [[0, 7, 8, 9], [0, 0, 0, 5]]
+    assert packed.positions.tolist() == [[0, 0, 1, 2], [0, 0, 0, 0]]
+    capped = pack_prompts([(7, 8, 9)], max_context=5, max_new_tokens=2, vocab_limit=10, width_multiple=4)
+    assert capped.tokens.tolist() == [[7, 8, 9]]  # 3 prompt + 2 new tokens fill the context
+
+
 @pytest.fixture(scope="module")
 def cli_inputs(tmp_path_factory, random_decoder):
     """A checkpoint of a random model, its tokenizer, a `sids build` directory and a data directory."""

@@ -4,7 +4,7 @@ Text level: `Generator(model, tokenizer, sids, eos_id, titles).generate(prompts,
 Token level:
 
     packed = pack_prompts(prompt_ids, max_context=..., max_new_tokens=settings.max_new_tokens,
-                          vocab_limit=layout.size)
+                          vocab_limit=layout.size, width_multiple=SHAPE_MULTIPLE)
     result = decode(model, packed, constraint, settings, eos_id)    # one jitted prefill + loop
     beams = resolve(result, layout, trie)                          # [batch][beam] Continuation
 
@@ -66,9 +66,22 @@ class PackedPrompts:
     lengths: np.ndarray  # [batch] int32
 
 
+# Prompt widths and exclusion-list widths are rounded up to this, so a stream of batches compiles
+# the decoder a few times, not once per batch.
+SHAPE_MULTIPLE = 32
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def pack_prompts(prompts: Sequence[Sequence[int]], *, max_context: int, max_new_tokens: int,
-                 vocab_limit: int) -> PackedPrompts:
-    """Left-pad token prompts into one batch; refuse empty prompts, unknown ids and overlong requests."""
+                 vocab_limit: int, width_multiple: int = 1) -> PackedPrompts:
+    """Left-pad token prompts into one batch; refuse empty prompts, unknown ids and overlong requests.
+
+    The padded width is the longest prompt rounded up to `width_multiple` (never past what the
+    context leaves for `max_new_tokens`), so batches of similar prompts share one compiled decoder.
+    """
     if not prompts:
         raise UserError("no prompts to decode")
     for i, prompt in enumerate(prompts):
@@ -81,7 +94,7 @@ def pack_prompts(prompts: Sequence[Sequence[int]], *, max_context: int, max_new_
         if bad:
             raise UserError(f"prompt {i} has token id {bad[0]} outside the vocabulary (0..{vocab_limit - 1})")
     lengths = np.array([len(p) for p in prompts], np.int32)  # [batch]
-    width = int(lengths.max())
+    width = min(_round_up(int(lengths.max()), width_multiple), max_context - max_new_tokens)
     pad = width - lengths  # [batch]
     column = np.arange(width, dtype=np.int32)[None, :]  # [1, padded_len]
     segment_ids = (column >= pad[:, None]).astype(np.int32)  # [batch, padded_len]
@@ -282,12 +295,16 @@ class Generator:
         bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
         packed = pack_prompts([bos + self.tokenizer.encode(p) if p else [] for p in prompts],
                               max_context=self.model.config.max_position_embeddings,
-                              max_new_tokens=settings.max_new_tokens, vocab_limit=layout.size)
+                              max_new_tokens=settings.max_new_tokens, vocab_limit=layout.size,
+                              width_multiple=SHAPE_MULTIPLE)
         if constrained:
+            excluded = None if excluded_ids is None else [self._rows(ids, "excluded") for ids in excluded_ids]
             requests = sid_requests(
                 self.sids.trie, layout, self.tables, entity_types=[types for types, _ in headers],
                 output_formats=[output_format for _, output_format in headers], beam_size=settings.beam_size,
-                excluded_rows=None if excluded_ids is None else [self._rows(ids, "excluded") for ids in excluded_ids],
+                excluded_rows=excluded,
+                max_excluded=None if excluded is None else _round_up(max([1] + [len(r) for r in excluded]),
+                                                                     SHAPE_MULTIPLE),
                 allowed_rows=None if allowed_ids is None else self._mask(allowed_ids))
             constraint = SidConstraint.create(self.tables, requests, layout, self.eos_id)
         else:

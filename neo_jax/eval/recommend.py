@@ -60,7 +60,9 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
     progress = Progress(total_steps=len(examples), stream=sys.stderr) if show_progress else None
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
-        for offset, continuations in enumerate(generator.generate([e.prompt for e in batch], settings)):
+        # The last batch repeats its final prompt up to `batch_size`, so every batch has one shape.
+        prompts = [e.prompt for e in batch] + [batch[-1].prompt] * (batch_size - len(batch))
+        for offset, continuations in enumerate(generator.generate(prompts, settings)[:len(batch)]):
             rows = [generator.row_of_id[item.item_id] for c in continuations for item in c.items if item is not None]
             named += sum(1 for c in continuations if any(item is not None for item in c.items))
             ranked[start + offset, :len(rows[:beams])] = rows[:beams]

@@ -13,6 +13,7 @@ model (LoRA adapters merged) to `RUN_DIR/final`, the `init.checkpoint` of the ne
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import time
@@ -137,6 +138,7 @@ class _Run:
     state: TrainState
     start_step: int
     data: object  # grain DatasetIterator of this process's rows
+    valid_batches: list[dict[str, np.ndarray]]  # this process's rows of the first `eval.batches` validation batches
     checkpoints: TrainCheckpoints
     throughput: _Throughput
     hooks: list[ValidationHook]  # the config's own validation metrics (Recall@K)
@@ -176,6 +178,9 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     shardings = train_state_shardings(abstract_state, param_shardings, plan, tx, mesh)
 
     data = train_batches(config)
+    valid_batches = []  # every evaluation reads the same validation batches: read them once
+    if config.eval.every_steps:
+        valid_batches = list(itertools.islice(validation_batches(config), config.eval.batches))
     checkpoints = TrainCheckpoints(config.run_dir, config.checkpoint)
     start_step = checkpoints.latest_step()
     if start_step is not None:
@@ -190,8 +195,8 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
     throughput = _Throughput(config.batch_size * config.seq_len, flops_per_token, peak)
-    return _Run(config, graphdef, plan, layout, steps, state, start_step, data, checkpoints, throughput, hooks,
-                jax.jit(plan.params))
+    return _Run(config, graphdef, plan, layout, steps, state, start_step, data, valid_batches, checkpoints,
+                throughput, hooks, jax.jit(plan.params))
 
 
 def _global_batch(run: _Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -205,10 +210,9 @@ def _host_value(replicated: jax.Array) -> float:
 
 def validation_loss(run: _Run) -> float:
     """Completion-token loss over the first `eval.batches` validation batches (the same every time)."""
-    batches = validation_batches(run.config)
     loss_sum = weight = 0.0
-    for _ in range(run.config.eval.batches):
-        batch_loss_sum, batch_weight = run.steps.eval(run.state, _global_batch(run, next(batches)))
+    for batch in run.valid_batches:
+        batch_loss_sum, batch_weight = run.steps.eval(run.state, _global_batch(run, batch))
         loss_sum, weight = loss_sum + _host_value(batch_loss_sum), weight + _host_value(batch_weight)
     return loss_sum / max(weight, 1.0)
 
