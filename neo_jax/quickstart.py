@@ -5,6 +5,11 @@
     constrained beam search on held-out users -> Recall/NDCG@K (with a popularity baseline
     of the same users in the same run)
 
+With `data=DIR` (a `neo-jax data` directory or the Amazon 2014 layout) the same path runs on
+that data instead of a generated catalog, e.g. `neo-jax quickstart --config
+configs/quickstart_beauty.yaml` for Amazon Beauty; `eval_split=test` scores the held-out last
+items (the benchmark protocol) instead of the validation ones.
+
 Every step writes its own directory under `out`; running again skips finished steps and
 resumes an interrupted training stage from its last checkpoint. Each step is also an
 ordinary command (`neo-jax data synth`, `sids build`, `data tasks`, `tokenizer build`,
@@ -54,6 +59,7 @@ DEFAULT_MODEL = {
 class QuickstartConfig:
     out: str = "runs/quickstart"
     seed: int = 0
+    data: str | None = None  # an existing data directory; None: generate one from `synthetic`
     synthetic: SynthConfig = SynthConfig()
     embedding: EmbeddingConfig = EmbeddingConfig(source="fused", text=TextEncoderConfig(dim=128),
                                                  collab=CollabConfig(dim=32))
@@ -67,7 +73,8 @@ class QuickstartConfig:
     grounding_lr: float = 1e-2
     instruct_steps: int = 800
     instruct_lr: float = 3e-3
-    eval_users: int = 300  # validation users decoded at the end (0: all)
+    eval_split: str = "valid"  # `valid` or `test`: which held-out item of each user is scored
+    eval_users: int = 300  # users decoded at the end (0: all)
     beams: int = 10
 
 
@@ -129,22 +136,29 @@ def popularity_baseline(data_dir: Path, targets: np.ndarray, target_types: list[
 
 
 def run_quickstart(config: QuickstartConfig) -> dict:
+    if config.eval_split not in ("valid", "test"):
+        raise UserError(f"eval_split must be 'valid' or 'test', got {config.eval_split!r}")
     root = Path(config.out)
     root.mkdir(parents=True, exist_ok=True)
-    synth = config.synthetic
-    _step("data", root / "data", ["data", "synth", str(root / "data"), "--seed", str(synth.seed),
-                                  "--num-items", str(synth.num_items), "--num-users", str(synth.num_users),
-                                  "--num-queries", str(synth.num_queries)])
+    if config.data is None:
+        data_dir, synth = root / "data", config.synthetic
+        _step("data", data_dir, ["data", "synth", str(data_dir), "--seed", str(synth.seed),
+                                 "--num-items", str(synth.num_items), "--num-users", str(synth.num_users),
+                                 "--num-queries", str(synth.num_queries)])
+    else:
+        data_dir = Path(config.data)
+        if not data_dir.is_dir():
+            raise UserError(f"data: {data_dir} is not a directory")
     if not (root / "sids").exists():
         _say("sids: neo-jax sids build (settings in the quickstart config)")
-        summary = build_sids(SidsBuildConfig(data=str(root / "data"), output=str(root / "sids"), seed=config.seed,
+        summary = build_sids(SidsBuildConfig(data=str(data_dir), output=str(root / "sids"), seed=config.seed,
                                              embedding=config.embedding, sids=config.sids))
         _say(f"sids: {json.dumps({k: summary[k] for k in ('items', 'types') if k in summary})}")
     sids_tsv = str(root / "sids" / "sids.tsv")
-    _step("tasks", root / "tasks", ["data", "tasks", str(root / "data"), sids_tsv, str(root / "tasks"),
+    _step("tasks", root / "tasks", ["data", "tasks", str(data_dir), sids_tsv, str(root / "tasks"),
                                     "--seed", str(config.seed)])
     _step("grounding tasks", root / "tasks_grounding",
-          ["data", "tasks", str(root / "data"), sids_tsv, str(root / "tasks_grounding"), "--tasks", GROUNDING_TASKS,
+          ["data", "tasks", str(data_dir), sids_tsv, str(root / "tasks_grounding"), "--tasks", GROUNDING_TASKS,
            "--seed", str(config.seed)])
     _step("tokenizer", root / "tokenizer", ["tokenizer", "build", str(root / "tokenizer"), "--sids",
                                             str(root / "sids"), "--train", str(root / "tasks"),
@@ -165,14 +179,15 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     from neo_jax.eval.recommend import evaluate_recommendations, target_rows
     from neo_jax.sharding import make_mesh
 
-    examples = read_examples(root / "tasks" / "valid.jsonl")
+    examples_path = root / "tasks" / f"{config.eval_split}.jsonl"
+    examples = read_examples(examples_path)
     examples = examples[: config.eval_users] if config.eval_users else examples
     _say(f"eval: neo-jax eval recommend --ckpt {tuned} --sids {root / 'sids'} --tokenizer {root / 'tokenizer'} "
-         f"--examples {root / 'tasks' / 'valid.jsonl'} --beams {config.beams} --limit {len(examples)}")
+         f"--examples {examples_path} --beams {config.beams} --limit {len(examples)}")
     generator = load_generator(tuned, root / "sids", make_mesh(config.mesh), root / "tokenizer")
     model_metrics = evaluate_recommendations(generator, examples, beams=config.beams)
-    result = {"out": str(root), "validation_users": len(examples), "model": model_metrics,
-              "popularity_baseline": popularity_baseline(root / "data", target_rows(examples, generator),
+    result = {"out": str(root), "eval_split": config.eval_split, "users": len(examples), "model": model_metrics,
+              "popularity_baseline": popularity_baseline(data_dir, target_rows(examples, generator),
                                                          [e.entity_type for e in examples], config.beams),
               "checkpoint": str(tuned)}
     (root / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -182,11 +197,12 @@ def run_quickstart(config: QuickstartConfig) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", default=None, help="a YAML file of settings (e.g. configs/quickstart_beauty.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="settings of the run, e.g. out=runs/qs instruct_steps=2000 mesh.data=2")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_quickstart(load_config(QuickstartConfig, None, args.overrides))
+    result = run_quickstart(load_config(QuickstartConfig, args.config, args.overrides))
     print(json.dumps(result))
     return 0

@@ -30,7 +30,7 @@ def test_every_step_writes_its_output_and_metrics_are_ranking_figures(quickstart
         assert (out / step).is_dir(), step
     assert json.loads((out / "result.json").read_text()) == result
     model = result["model"]
-    assert result["validation_users"] == 6 and model["users"] == 6
+    assert result["users"] == 6 and result["eval_split"] == "valid" and model["users"] == 6
     for name in ("recall@5", "ndcg@5"):
         assert 0.0 <= model[name] <= 1.0 and 0.0 <= result["popularity_baseline"][name] <= 1.0
     assert model["ndcg@5"] <= model["recall@5"]

@@ -75,6 +75,18 @@ def test_resume_reproduces_the_uninterrupted_run(runs):
     assert resumed.valid_loss == pytest.approx(full.valid_loss, abs=1e-6)
 
 
+def test_a_longer_run_swaps_in_its_final_model_and_leaves_no_staging(runs):
+    root, _, _ = runs
+    longer_dir = root / "longer"
+    shutil.copytree(root / "full", longer_dir)
+    before = final_params(longer_dir)
+    result = train(tiny_config(root, "longer", SETTINGS + ("steps=6",)))
+    assert result.step == 6 and result.final_dir == str(longer_dir / "final")
+    after = final_params(longer_dir)
+    assert any(not np.array_equal(after[path], before[path]) for path in before)
+    assert not [p.name for p in longer_dir.iterdir() if p.name.startswith(".final")]
+
+
 def test_restore_onto_another_mesh_shape_gives_the_same_losses(runs):
     root, full, _ = runs
     other_dir = root / "other_mesh"

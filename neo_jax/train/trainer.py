@@ -233,15 +233,28 @@ def _evaluate(run: _Run, step: int, hooks: Sequence[ValidationHook]) -> dict[str
 
 
 def _save_final(run: _Run, trained: bool) -> str:
-    """Write the trained model to `RUN_DIR/final`, replacing an older one (kept when nothing was trained)."""
-    final_dir = Path(run.config.run_dir) / FINAL_DIR
+    """Write the trained model to `RUN_DIR/final`, replacing an older one (kept when nothing was trained).
+
+    The model is saved under `.final.tmp` and swapped in by two renames, so `final` is never
+    half-written; a crash between the renames leaves the new model in `.final.tmp` and the
+    old one in `.final.old`, and the next run of the stage writes `final` again."""
+    run_dir = Path(run.config.run_dir)
+    final_dir, tmp_dir, old_dir = run_dir / FINAL_DIR, run_dir / f".{FINAL_DIR}.tmp", run_dir / f".{FINAL_DIR}.old"
     if (final_dir / MODEL_CONFIG).is_file() and not trained:
         return str(final_dir)
     if jax.process_index() == 0:
-        shutil.rmtree(final_dir, ignore_errors=True)
-    multihost_utils.sync_global_devices("neo_jax: final model directory cleared")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    multihost_utils.sync_global_devices("neo_jax: final model staging cleared")
     hf_config = load_hf_config(run.config.init.checkpoint) if run.config.init.checkpoint else None
-    save_model(final_dir, current_model(run), run.layout, hf_config)
+    save_model(tmp_dir, current_model(run), run.layout, hf_config)
+    multihost_utils.sync_global_devices("neo_jax: final model staged")
+    if jax.process_index() == 0:
+        if final_dir.exists():
+            final_dir.rename(old_dir)
+        tmp_dir.rename(final_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    multihost_utils.sync_global_devices("neo_jax: final model in place")
     return str(final_dir)
 
 
