@@ -98,6 +98,19 @@ def test_rqvae_trains_and_encodes():
     assert np.array_equal(codes[:, -1], distances.argmin(1))
 
 
+def test_rqvae_refit_uses_every_code_where_training_left_dead_ones():
+    """A high learning rate moves the encoder away from most initial codes; the refit on the
+    trained latents brings every level-0 code back into use."""
+    x, _ = blobs(np.random.default_rng(5), centers=16, per_center=20, dim=12, spread=0.3)
+    settings = dict(hidden_dim=32, latent_dim=8, steps=200, batch_size=64, learning_rate=3e-2)
+    used = {}
+    for refit in (False, True):
+        latents, codebooks, _ = fit_rqvae(jnp.asarray(x), (16, 8), jax.random.key(0),
+                                          RqVaeConfig(**settings, refit_codebooks=refit))
+        used[refit] = len(np.unique(np.asarray(residual_encode(latents, codebooks).codes[:, 0])))
+    assert used[True] == 16 and used[False] < 16
+
+
 # -- collisions ----------------------------------------------------------------------------------
 
 def test_extra_level_ranks_within_groups():

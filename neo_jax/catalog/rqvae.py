@@ -6,6 +6,12 @@ code vectors. Loss = reconstruction MSE + per level the codebook term
 `|sg(r_l) - e_l|^2` and `commitment * |r_l - sg(e_l)|^2`, with the straight-through
 estimator carrying the decoder's gradient to the encoder. Codebooks start from residual
 k-means on the initial latents. All training steps run in one jitted `lax.scan`.
+
+As the encoder moves, codes whose region it leaves get no gradient and die (on Amazon Beauty
+level 0 kept 13 of 256 codes, and 3% of items collided). With `refit_codebooks` (the
+default) the codebooks that assign the final codes are fitted again by residual k-means on
+the trained latents: every code is used, and the latent space is still the one the
+autoencoder learned (on Beauty 0.08% of items collide).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ class RqVaeConfig:
     batch_size: int = 1024
     learning_rate: float = 1e-3
     commitment: float = 0.25  # weight of the encoder's pull towards its codes
-    kmeans_iters: int = 25  # k-means iterations of the codebook initialisation
+    kmeans_iters: int = 25  # k-means iterations of the codebook initialisation (and refit)
+    refit_codebooks: bool = True  # refit the codebooks on the trained latents (no dead codes)
 
 
 def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
@@ -101,8 +108,11 @@ def fit_rqvae(x: jax.Array, codebook_sizes: Sequence[int], key: jax.Array,
     to give `residual_encode`, and the training loss of every step.
     """
     x = jnp.asarray(x, jnp.float32)
-    init_key, kmeans_key, train_key = jax.random.split(key, 3)
+    init_key, kmeans_key, train_key, refit_key = jax.random.split(key, 4)
     params = init_autoencoder(init_key, x.shape[1], config)
     codebooks = fit_residual_kmeans(encode(params, x), codebook_sizes, kmeans_key, config.kmeans_iters)
     (params, codebooks), losses = _train(params, tuple(codebooks), x, train_key, config)
-    return encode(params, x), list(codebooks), losses
+    latents = encode(params, x)  # [n, latent_dim]
+    if config.refit_codebooks:
+        codebooks = fit_residual_kmeans(latents, codebook_sizes, refit_key, config.kmeans_iters)
+    return latents, list(codebooks), losses
