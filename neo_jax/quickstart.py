@@ -75,6 +75,7 @@ class QuickstartConfig:
     instruct_lr: float = 3e-3
     eval_split: str = "valid"  # `valid` or `test`: which held-out item of each user is scored
     eval_users: int = 300  # users decoded at the end (0: all)
+    exclude_history: bool = False  # rank no item the user already has (model and popularity alike)
     beams: int = 10
 
 
@@ -119,19 +120,22 @@ def _train_stage(config: QuickstartConfig, root: Path, stage: str, init: dict, r
     return Path(result.final_dir)
 
 
-def popularity_baseline(data_dir: Path, targets: np.ndarray, target_types: list[str],
-                        beams: int) -> dict[str, float]:
-    """Recall/NDCG@K of recommending each user the most frequent training items of the asked type."""
+def popularity_baseline(data_dir: Path, targets: np.ndarray, target_types: list[str], beams: int,
+                        histories: list[set[int]] | None = None) -> dict[str, float]:
+    """Recall/NDCG@K of recommending each user the most frequent training items of the asked type
+    (with `histories`, catalog rows per user: the most frequent ones the user does not have)."""
     dataset = load_dataset(data_dir)
     counts = np.bincount(np.concatenate(leave_one_out(dataset.interactions.sequences()).train_sequences),
                          minlength=len(dataset.catalog))  # [n_items] training events per item
+    longest = max((len(h) for h in histories), default=0) if histories else 0
     top = {}
     for name in set(target_types):
         rows = np.asarray(dataset.catalog.rows_of_type(name))  # [items of the type]
-        top[name] = rows[np.argsort(-counts[rows], kind="stable")[:beams]]  # [beams]
+        top[name] = rows[np.argsort(-counts[rows], kind="stable")[:beams + longest]]  # most frequent first
     ranked = np.full((len(targets), beams), -1, np.int64)  # [users, beams]
     for i, name in enumerate(target_types):
-        ranked[i, : len(top[name])] = top[name]
+        chosen = [r for r in top[name] if histories is None or r not in histories[i]][:beams]
+        ranked[i, : len(chosen)] = chosen
     return ranking_metrics(ranked, targets, tuple(k for k in (5, 10) if k <= beams))
 
 
@@ -183,12 +187,16 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     examples = read_examples(examples_path)
     examples = examples[: config.eval_users] if config.eval_users else examples
     _say(f"eval: neo-jax eval recommend --ckpt {tuned} --sids {root / 'sids'} --tokenizer {root / 'tokenizer'} "
-         f"--examples {examples_path} --beams {config.beams} --limit {len(examples)}")
+         f"--examples {examples_path} --beams {config.beams} --limit {len(examples)}"
+         + (" --exclude-history" if config.exclude_history else ""))
     generator = load_generator(tuned, root / "sids", make_mesh(config.mesh), root / "tokenizer")
-    model_metrics = evaluate_recommendations(generator, examples, beams=config.beams)
-    result = {"out": str(root), "eval_split": config.eval_split, "users": len(examples), "model": model_metrics,
+    model_metrics = evaluate_recommendations(generator, examples, beams=config.beams,
+                                             exclude_history=config.exclude_history)
+    histories = [{generator.row_of_id[i] for i in e.history} for e in examples] if config.exclude_history else None
+    result = {"out": str(root), "eval_split": config.eval_split, "users": len(examples),
+              "exclude_history": config.exclude_history, "model": model_metrics,
               "popularity_baseline": popularity_baseline(data_dir, target_rows(examples, generator),
-                                                         [e.entity_type for e in examples], config.beams),
+                                                         [e.entity_type for e in examples], config.beams, histories),
               "checkpoint": str(tuned)}
     (root / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import re
 
 import numpy as np
@@ -141,6 +142,18 @@ def test_eval_examples_predict_the_held_out_item(dataset):
     for example, held_out in zip(test, split.test):
         assert example.completion == format_sid(*sid_map[held_out.target])
         assert example.output_format == "ids" and template_index("recommend", example.prompt.split("\n", 1)[1]) == 0
+        assert example.history == tuple(dataset.catalog.item_ids[r] for r in held_out.history.tolist())
+
+
+def test_eval_histories_round_trip_and_bad_ones_are_named(dataset, tmp_path):
+    split = leave_one_out(dataset.interactions.sequences())
+    valid = build_eval_examples(dataset, split.valid, toy_sid_map(dataset.catalog), TaskConfig())
+    write_examples(tmp_path / "valid.jsonl", valid)
+    assert read_examples(tmp_path / "valid.jsonl") == valid
+    record = dict(valid[0].to_dict(), history="p1 p2")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(UserError, match="bad.jsonl:1: 'history' must be a list of item ids"):
+        read_examples(tmp_path / "bad.jsonl")
 
 
 def test_explanations_and_profiles_are_grounded(dataset):

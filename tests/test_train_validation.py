@@ -1,5 +1,7 @@
 """Periodic Recall@K validation during training: logged at every evaluation, equal to `neo-jax eval recommend`."""
 
+import dataclasses
+
 import grain
 import jax
 import numpy as np
@@ -11,7 +13,7 @@ from neo_jax.config import MeshConfig
 from neo_jax.data.records import TokenizedExample, record_paths
 from neo_jax.data.tasks import TaskExample, read_examples, write_examples
 from neo_jax.decode.commands import load_generator
-from neo_jax.eval.recommend import evaluate_recommendations
+from neo_jax.eval.recommend import evaluate_recommendations, target_rows
 from neo_jax.sharding import make_mesh
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import read_metrics
@@ -78,3 +80,22 @@ def test_recall_equals_the_evaluation_of_the_saved_model(recall_run):
                                         show_progress=False)
     for key in RECALL_KEYS:
         assert last[key] == pytest.approx(expected[key.removeprefix("valid_")], abs=1e-6)
+
+
+def test_excluding_all_but_ten_items_of_the_type_ranks_exactly_those_ten(recall_run):
+    """Each user's history is every item of the target's type but the target and 9 others: the 10
+    beams must be those 10 items, so Recall@10 is exactly 1 whatever the model."""
+    root, config, result = recall_run
+    generator = load_generator(result.final_dir, root / "sids", make_mesh(MeshConfig(), jax.devices()[:1]),
+                               config.data.tokenizer)
+    examples = read_examples(root / "valid.jsonl")[:USERS]
+    trie, item_ids = generator.sids.trie, generator.sids.item_ids
+    with_history = []
+    for example, target in zip(examples, target_rows(examples, generator)):
+        same_type = np.flatnonzero(trie.item_types == trie.item_types[target])  # [items of the type]
+        kept = {int(target), *[int(r) for r in same_type if r != target][:9]}
+        history = tuple(item_ids[r] for r in same_type if int(r) not in kept)
+        with_history.append(dataclasses.replace(example, history=history))
+    metrics = evaluate_recommendations(generator, with_history, beams=10, batch_size=4, show_progress=False,
+                                       exclude_history=True)
+    assert metrics["recall@10"] == 1.0 and metrics["beams_naming_an_item"] == 1.0

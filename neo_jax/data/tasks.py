@@ -122,9 +122,13 @@ class TaskExample:
     output_format: str
     prompt: str  # begins with the header line
     completion: str
+    history: tuple[str, ...] = ()  # evaluation examples: the user's whole history (item ids, oldest first)
 
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict:
+        record = dataclasses.asdict(self)
+        if not self.history:
+            del record["history"]
+        return record
 
 
 def write_examples(path: str | Path, examples: Iterable[TaskExample]) -> None:
@@ -134,13 +138,16 @@ def write_examples(path: str | Path, examples: Iterable[TaskExample]) -> None:
 
 
 def read_examples(path: str | Path) -> list[TaskExample]:
-    fields = [f.name for f in dataclasses.fields(TaskExample)]
+    fields = [f.name for f in dataclasses.fields(TaskExample) if f.name != "history"]
     examples = []
     for line_number, record in read_records(path):
         missing = [f for f in fields if not isinstance(record.get(f), str)]
         if missing:
             raise UserError(f"{path}:{line_number}: missing or non-string field(s) {missing}")
-        examples.append(TaskExample(**{f: record[f] for f in fields}))
+        history = record.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(item, str) for item in history):
+            raise UserError(f"{path}:{line_number}: 'history' must be a list of item ids")
+        examples.append(TaskExample(**{f: record[f] for f in fields}, history=tuple(history)))
     return examples
 
 
@@ -334,6 +341,9 @@ def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: Sid
 
 def build_eval_examples(dataset: Dataset, examples: list[SequenceExample], sid_map: SidMap,
                         config: TaskConfig) -> list[TaskExample]:
-    """Next-item examples for validation or test: the first template, format `ids`."""
+    """Next-item examples for validation or test: the first template, format `ids`; each keeps the
+    user's whole history, so an evaluation can leave it out of the ranking."""
     builder = TaskBuilder(dataset.catalog, sid_map, config, np.random.default_rng(config.seed))
-    return [builder.recommend(e.history, e.target, output_format="ids", template=0) for e in examples]
+    item_ids = dataset.catalog.item_ids
+    return [dataclasses.replace(builder.recommend(e.history, e.target, output_format="ids", template=0),
+                                history=tuple(item_ids[row] for row in e.history.tolist())) for e in examples]

@@ -1,6 +1,7 @@
 """`neo-jax eval recommend`: Recall/NDCG@K of a checkpoint on leave-one-out examples.
 
     neo-jax eval recommend --ckpt RUN/final --sids SIDS_DIR --examples TASKS/test.jsonl [--beams 10]
+                           [--exclude-history]
 
 Prints one JSON object: recall@K, ndcg@K, users, and the share of beams that name a catalog item
 (decoding is constrained, so every named item exists and has the asked type).
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     recommend.add_argument("--beams", type=int, default=10, help="beams = length of each ranked list (default 10)")
     recommend.add_argument("--batch", type=int, default=16, help="prompts decoded together (default 16)")
     recommend.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    recommend.add_argument("--exclude-history", action="store_true",
+                           help="never rank an item the user already has (the examples' `history`), as "
+                                "S3-Rec's full-ranking evaluation of SASRec does")
     add_mesh_arguments(recommend)
 
 
@@ -40,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--beams, --batch and --limit must be positive")
     examples = read_examples(args.examples)[: args.limit]
     generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer)
-    metrics = evaluate_recommendations(generator, examples, beams=args.beams, batch_size=args.batch)
-    print(json.dumps({"examples": str(args.examples), "ckpt": str(args.ckpt), "beams": args.beams, **metrics}))
+    metrics = evaluate_recommendations(generator, examples, beams=args.beams, batch_size=args.batch,
+                                       exclude_history=args.exclude_history)
+    print(json.dumps({"examples": str(args.examples), "ckpt": str(args.ckpt), "beams": args.beams,
+                      "exclude_history": args.exclude_history, **metrics}))
     return 0

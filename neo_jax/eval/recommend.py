@@ -43,8 +43,11 @@ def target_rows(examples: Sequence[TaskExample], generator: Generator) -> np.nda
 
 def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExample], beams: int = 10,
                              batch_size: int = 16, ks: tuple[int, ...] = (5, 10),
-                             show_progress: bool = True) -> dict[str, float]:
-    """Recall@K and NDCG@K over `examples` (K <= beams), with the share of beams naming a real item."""
+                             show_progress: bool = True, exclude_history: bool = False) -> dict[str, float]:
+    """Recall@K and NDCG@K over `examples` (K <= beams), with the share of beams naming a real item.
+
+    With `exclude_history` the constraint keeps each user's history (`TaskExample.history`) out
+    of the beams."""
     if not examples:
         raise UserError("no evaluation examples")
     if any(e.output_format != "ids" for e in examples):
@@ -52,6 +55,9 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
     ks = tuple(k for k in ks if k <= beams)
     if not ks:
         raise UserError(f"beams ({beams}) must be at least the smallest K")
+    if exclude_history and not all(e.history for e in examples):
+        raise UserError("--exclude-history needs examples that list the user's history; rebuild them with "
+                        "`neo-jax data tasks`")
     targets = target_rows(examples, generator)  # [examples]
     max_levels = max(t.num_levels for t in generator.tokenizer.layout.entity_types)
     settings = DecodeSettings(method="beam", max_new_tokens=max_levels + 3, beam_size=beams)  # [SID] codes [/SID] eos
@@ -61,8 +67,10 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         # The last batch repeats its final prompt up to `batch_size`, so every batch has one shape.
-        prompts = [e.prompt for e in batch] + [batch[-1].prompt] * (batch_size - len(batch))
-        for offset, continuations in enumerate(generator.generate(prompts, settings)[:len(batch)]):
+        padded = list(batch) + [batch[-1]] * (batch_size - len(batch))
+        excluded = [e.history for e in padded] if exclude_history else None
+        decoded = generator.generate([e.prompt for e in padded], settings, excluded_ids=excluded)
+        for offset, continuations in enumerate(decoded[:len(batch)]):
             rows = [generator.row_of_id[item.item_id] for c in continuations for item in c.items if item is not None]
             named += sum(1 for c in continuations if any(item is not None for item in c.items))
             ranked[start + offset, :len(rows[:beams])] = rows[:beams]
