@@ -28,6 +28,7 @@ def test_bench_decode_prints_one_json_object_with_valid_items(capsys):
     small, large = result["catalogs"]
     assert small["host_trie_ms_per_step"] > 0 and large["host_trie_ms_per_step"] is None  # skipped above the limit
     assert 0.0 <= small["hf_topk_agreement"] <= 1.0
+    assert result["constrained_ms_per_step_growth"] >= 1.0 and result["unconstrained_ms_per_step_growth"] >= 1.0
 
 
 @pytest.mark.parametrize("argv, message", [
