@@ -6,8 +6,9 @@ sequence only if it ranks among the best `beams` (as in HF transformers), so one
 Finished sequences are ranked by log-probability over the length penalty
 `((5 + length) / 6) ** alpha`. The loop stops when every request has `beams` finished sequences
 and no live beam can beat the worst of them (its log-probability can only fall, and the penalty
-is largest at `max_new_tokens`), or when no live beam is left. The constraint masks candidates before the top-k; its per-beam state is gathered
-with the beams and the KV cache. Call inside `jax.jit`.
+is largest at `max_new_tokens`), or when no live beam is left. The constraint masks candidates
+before the top-k; its per-beam state is gathered with the beams and the KV cache. Call inside
+`jax.jit`.
 """
 
 from __future__ import annotations

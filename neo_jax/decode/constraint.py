@@ -115,7 +115,8 @@ class SidRequests:
             return count
 
         batch = output_format.shape[0]
-        root_children = jnp.broadcast_to(1 + jnp.arange(tables.root_token.shape[0]), (batch, tables.root_token.shape[0]))
+        num_root_children = tables.root_token.shape[0]
+        root_children = jnp.broadcast_to(1 + jnp.arange(num_root_children), (batch, num_root_children))
         root_ok = allowed_types[:, tables.root_type] & (item_count(root_children) > 0)  # [batch, root_children]
         sid_tokens = tables.root_child.shape[0]
         root_mask = jnp.zeros((batch, sid_tokens), bool).at[:, tables.root_token - tables.sid_start].set(
@@ -130,7 +131,7 @@ class SidRequests:
                    dead_parent=dead_parent, dead_code=dead_code)
 
     def cleared_bits(self, node: jax.Array, words: int) -> jax.Array:
-        """The bits of children with no item left for the request: `[batch, beams]` -> `[batch, beams, words]` uint32."""
+        """Bits of the children with no item left for the request: `[batch, beams]` -> `[batch, beams, words]`."""
         match = self.dead_parent[:, None, :] == node[:, :, None]  # [batch, beams, dead]
         word = (self.dead_code // WORD_BITS)[:, None, :, None]  # [batch, 1, dead, 1]
         bit = (jnp.uint32(1) << (self.dead_code % WORD_BITS).astype(jnp.uint32))[:, None, :, None]

@@ -4,8 +4,8 @@
 
 Set-up order: settings and paths, joining the other processes, the mesh and the batch
 layout, the Recall@K validation inputs (`eval.recall_*`), the model's vocabulary and shape,
-the data iterators; only then is anything compiled. A run directory with checkpoints resumes from the latest one (same data
-position, same optimizer state). Process 0 writes `metrics.jsonl`, TensorBoard events
+the data iterators; only then is anything compiled. A run directory with checkpoints resumes
+from the latest one (same data position, same optimizer state). Process 0 writes `metrics.jsonl`, TensorBoard events
 and the progress line; every process takes part in saves. A completed run writes its
 model (LoRA adapters merged) to `RUN_DIR/final`, the `init.checkpoint` of the next stage.
 """
