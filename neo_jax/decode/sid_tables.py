@@ -72,10 +72,6 @@ class SidTables:
     def words(self) -> int:
         return int(self.child_bits.shape[1])
 
-    @property
-    def num_types(self) -> int:
-        return len(self.block_offsets)
-
     def row(self, node: jax.Array) -> jax.Array:
         """Bitmap row of each node: its own below the last inner node, the zero row past it."""
         return jnp.minimum(node, self.child_bits.shape[0] - 1)
