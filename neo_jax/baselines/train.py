@@ -8,7 +8,8 @@ Amazon histories are short, which makes this several times faster, and since the
 results do not depend on padding it trains the same function. Validation runs every
 `eval_every` epochs; training stops after `patience` evaluations without a better
 NDCG@10, and the test split is ranked once, with the best epoch's parameters. The
-popularity baseline (training-event counts) is ranked with the same history exclusion.
+popularity baseline (`baselines.popularity`: training-event counts) is ranked with the same
+history exclusion.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from neo_jax.baselines.sasrec import (Params, SasRec, SasRecConfig, TrainStep, make_recommender, make_train_step,
-                                      top_items)
+from neo_jax.baselines.popularity import popularity_metrics, training_counts
+from neo_jax.baselines.sasrec import Params, SasRec, SasRecConfig, TrainStep, make_recommender, make_train_step
 from neo_jax.config import ConfigError
 from neo_jax.data.splits import LeaveOneOutSplit, SequenceExample
 from neo_jax.errors import UserError
@@ -150,31 +150,25 @@ def rank_in_batches(rank: Callable[[np.ndarray, np.ndarray], jax.Array], inputs:
     return np.concatenate(ranked)
 
 
-def popularity_metrics(counts: np.ndarray, inputs: RankingInputs, batch_size: int) -> dict[str, float]:
-    """Recall/NDCG@K of ranking every user's items by training-event `counts` `[num_items]`."""
-    scores = jnp.asarray(counts, jnp.float32)  # [num_items]
-    rank = jax.jit(lambda history, excluded: top_items(
-        jnp.broadcast_to(scores, (history.shape[0], scores.shape[0])), excluded, TOP_K))
-    return ranking_metrics(rank_in_batches(rank, inputs, batch_size), inputs.targets)
-
-
 def _format(metrics: dict[str, float]) -> str:
     return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
 def train_sasrec(split: LeaveOneOutSplit, num_items: int, config: SasRecTrainConfig,
-                 log: Callable[[str], None]) -> dict:
-    """Train on `split.train_sequences`; return the best-validation epoch's valid and test metrics,
-    the popularity baseline of the same users, and the per-evaluation history."""
+                 log: Callable[[str], None], ks: tuple[int, ...] = (5, 10)) -> dict:
+    """Train on `split.train_sequences`; return the best-validation epoch's valid and test metrics
+    at `ks` (`test` under `config.exclude_history`, `test_protocols` under both: history items kept
+    in the ranking and excluded from it), the popularity baseline of the same users, and the
+    per-evaluation history."""
     if not split.valid:
         raise UserError("no user has the three items leave-one-out needs (train, validation, test)")
     max_len = config.model.max_len
     windows = TrainingWindows.of(split.train_sequences, max_len)
     valid = RankingInputs.of(split.valid, max_len, config.exclude_history)
     test = RankingInputs.of(split.test, max_len, config.exclude_history)
-    counts = np.bincount(np.concatenate(split.train_sequences), minlength=num_items)  # [num_items]
-    popularity = {"valid": popularity_metrics(counts, valid, config.eval_batch_size),
-                  "test": popularity_metrics(counts, test, config.eval_batch_size)}
+    counts = training_counts(split.train_sequences, num_items)  # [num_items]
+    popularity = {name: popularity_metrics(counts, inputs.targets, excluded=inputs.excluded)
+                  for name, inputs in (("valid", valid), ("test", test))}
     log(f"popularity: valid {_format(popularity['valid'])} | test {_format(popularity['test'])}")
 
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
@@ -182,14 +176,14 @@ def train_sasrec(split: LeaveOneOutSplit, num_items: int, config: SasRecTrainCon
     optimizer = optax.adam(config.learning_rate)
     opt_state = optimizer.init(params)
     train_step = make_train_step(graphdef, optimizer)
-    recommend = make_recommender(graphdef, TOP_K)
+    recommend = make_recommender(graphdef, max(TOP_K, *ks))
     rng = np.random.default_rng(config.seed)
     log(f"sasrec: {len(windows.lengths)} training sequences, {num_items} items, "
         f"{sum(x.size for x in jax.tree.leaves(params))} parameters, batch lengths {bucket_lengths(max_len)}")
 
     def evaluate(params, inputs: RankingInputs) -> dict[str, float]:
         ranked = rank_in_batches(functools.partial(recommend, params), inputs, config.eval_batch_size)
-        return ranking_metrics(ranked, inputs.targets)
+        return ranking_metrics(ranked, inputs.targets, ks)
 
     history, best, best_params, train_seconds, waited = [], None, params, 0.0, 0
     for epoch in range(1, config.epochs + 1):
@@ -215,8 +209,11 @@ def train_sasrec(split: LeaveOneOutSplit, num_items: int, config: SasRecTrainCon
         if waited >= config.patience:
             log(f"early stop: no better valid {SELECTION_METRIC} in {waited} evaluations")
             break
-    test_metrics = evaluate(best_params, test)
+    test_protocols = {name: evaluate(best_params, RankingInputs.of(split.test, max_len, exclude))
+                      for name, exclude in (("history_kept", False), ("history_excluded", True))}
+    test_metrics = test_protocols["history_excluded" if config.exclude_history else "history_kept"]
     log(f"best epoch {best['epoch']}: test {_format(test_metrics)}")
     return {"best_epoch": best["epoch"], "epochs_run": epoch, "train_seconds_per_epoch": train_seconds / epoch,
             "users": {"valid": len(valid.targets), "test": len(test.targets)}, "items": num_items,
-            "valid": best["valid"], "test": test_metrics, "popularity_baseline": popularity, "history": history}
+            "valid": best["valid"], "test": test_metrics, "test_protocols": test_protocols,
+            "popularity_baseline": popularity, "history": history}

@@ -3,7 +3,9 @@
 Each user has one held-out target item; the model returns a ranked list of item rows
 (`-1` pads lists shorter than K, e.g. when fewer valid items were decoded). With a single
 relevant item, Recall@K is the hit rate and NDCG@K is `1 / log2(rank + 2)` at the
-target's 0-based rank, 0 when it is missing.
+target's 0-based rank, 0 when it is missing. A list that holds the target more than once
+counts its first (best) position only, so a user's Recall@K never exceeds 1. Any K from 1 to
+the lists' length can be asked for, e.g. `ks=(1, 5, 10, 20)`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ def ranking_metrics(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...]
         raise UserError(f"ranked must be [users, k] and targets [users], got {ranked.shape} and {targets.shape}")
     if ranked.shape[0] == 0:
         raise UserError("no users to evaluate")
+    if targets.min() < 0:
+        raise UserError("targets must be catalog rows (>= 0); -1 only pads ranked lists")
+    if not ks or min(ks) < 1:
+        raise UserError(f"ks must be one or more positive cutoffs, got {tuple(ks)}")
     if max(ks) > ranked.shape[1]:
         raise UserError(f"asked for @{max(ks)} but the ranked lists hold {ranked.shape[1]} items")
     hits = ranked == targets[:, None]  # [users, max_k]
