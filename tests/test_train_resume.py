@@ -12,6 +12,7 @@ from flax import nnx, traverse_util
 
 from neo_jax.checkpoint import load_model
 from neo_jax.config import MeshConfig
+from neo_jax.errors import UserError
 from neo_jax.sharding import make_mesh
 from neo_jax.train.checkpointing import CHECKPOINTS_DIR
 from neo_jax.train.monitor import read_metrics
@@ -75,16 +76,59 @@ def test_resume_reproduces_the_uninterrupted_run(runs):
     assert resumed.valid_loss == pytest.approx(full.valid_loss, abs=1e-6)
 
 
-def test_a_longer_run_swaps_in_its_final_model_and_leaves_no_staging(runs):
+def test_a_run_over_an_older_final_model_swaps_in_its_own_and_leaves_no_staging(runs):
     root, _, _ = runs
     longer_dir = root / "longer"
-    shutil.copytree(root / "full", longer_dir)
+    longer_dir.mkdir()
+    shutil.copytree(root / "full" / "final", longer_dir / "final")  # an older model, no checkpoints
     before = final_params(longer_dir)
     result = train(tiny_config(root, "longer", SETTINGS + ("steps=6",)))
     assert result.step == 6 and result.final_dir == str(longer_dir / "final")
     after = final_params(longer_dir)
     assert any(not np.array_equal(after[path], before[path]) for path in before)
     assert not [p.name for p in longer_dir.iterdir() if p.name.startswith(".final")]
+
+
+def run_dir_files(run_dir):
+    """relative path -> bytes of every file under a run directory."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change,message", [
+    ("steps=8", r"steps 4 -> 8\. .*learning rate at step 2 would go from .* to .*pass its own settings \(steps=4\)"),
+    ("optimizer.warmup_steps=3", r"optimizer\.warmup_steps 1 -> 3\."),
+])
+def test_resume_with_another_schedule_is_refused_and_keeps_the_run(runs, change, message):
+    """A resume must use the schedule its checkpoints were trained under; with the run's own steps
+    it resumes as before."""
+    root, full, _ = runs
+    name = "changed_" + change.split("=")[0].replace(".", "_")
+    run_dir = root / name
+    shutil.copytree(root / "stopped", run_dir)
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    assert (saved["steps"], saved["optimizer"]["warmup_steps"]) == (4, 1)  # what the check compares with
+    before = run_dir_files(run_dir)
+    with pytest.raises(UserError, match=message) as refused:
+        train(tiny_config(root, name, SETTINGS + (change,)))
+    assert f"init.checkpoint={run_dir / 'final'}" in str(refused.value)
+    assert run_dir_files(run_dir) == before  # checkpoints, metrics and the saved config untouched
+    resumed = train(tiny_config(root, name, SETTINGS))
+    assert resumed.step == 4 and not resumed.preempted
+    expected, got = curve(root / "full"), curve(run_dir)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step][1] == expected[step][1]
+        np.testing.assert_allclose(got[step][0], expected[step][0], rtol=0, atol=1e-6)
+
+
+def test_a_finished_run_with_more_steps_points_to_a_new_run_dir(runs):
+    root, _, _ = runs
+    run_dir = root / "finished"
+    shutil.copytree(root / "full", run_dir)
+    with pytest.raises(UserError, match=r"steps 4 -> 6\. .*This run is complete .*start a new run_dir with "
+                                        r"init\.checkpoint=.*finished/final"):
+        train(tiny_config(root, "finished", SETTINGS + ("steps=6",)))
+    assert sorted(os.listdir(run_dir / CHECKPOINTS_DIR)) == ["4"]
 
 
 def test_restore_onto_another_mesh_shape_gives_the_same_losses(runs):

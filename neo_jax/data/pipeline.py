@@ -13,7 +13,10 @@ Each batch is a dict of numpy arrays, all `[batch_size, seq_len]`:
 - `segment_ids` int32: 1, 2, ... for the examples packed into the row, 0 for padding
   (attention must not cross segments);
 - `positions` int32: position within the example (restarts at 0 for each segment).
-An example longer than `seq_len + 1` tokens keeps its first `seq_len + 1`.
+An example longer than `seq_len + 1` tokens keeps its first `seq_len + 1`: a last resort that
+can cut the completion (or all of it, after a long prompt). Records written with a length limit of
+`seq_len + 1` (`write_records(max_length=...)`, `neo-jax data records --max-length`) never need it:
+those examples were fitted by dropping prompt history, with the completion kept whole.
 The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` resume it exactly
 (orbax saves it with `grain.checkpoint.CheckpointSave(iterator)`).
 """

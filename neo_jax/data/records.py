@@ -6,12 +6,28 @@ One record is one example, a UTF-8 JSON object: `task`, `entity_type`, `output_f
 and completion are encoded separately, as the decoder sees them (it encodes the prompt
 alone and generates the rest). Shards of a split are named
 `{split}-{index:05d}-of-{count:05d}.array_record`; examples go to shards round-robin.
+
+With a length limit (`max_length` > 0, the training `seq_len + 1`), an example longer than the
+limit is fitted here, where the tokenizer is known, so that the pipeline never has to cut it
+(`neo_jax.data.pipeline` keeps only the first `seq_len + 1` tokens, which would cut the
+completion): the completion is always kept whole and the prompt's header line never touched.
+1. History items are dropped from the prompt, oldest first, at the text level: the first SID span
+   after the header (`[SID]...[/SID]`) is removed together with the text up to the next SID span
+   (its title and separator, as `{history}` and `{history_titled}` write items), as often as
+   needed. The newest SID span of a prompt is never dropped (the text after it is the template's,
+   not the item's), so a prompt with one SID (the item of `sid_to_text`, `sid_to_type`) keeps it.
+2. If that is not enough (or the prompt has no items to drop), the prompt's text after the header
+   is cut from its start at the token level: bos and the header's tokens are kept, then the last
+   tokens of the rest that fit.
+3. If bos, the header and the completion alone exceed the limit, no cut of the prompt can fit the
+   example: `UserError`, naming the example's index and task.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -20,6 +36,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from neo_jax.data.tasks import TaskExample
 from neo_jax.errors import UserError
+from neo_jax.vocab import SID_OPEN
 
 # One record per chunk, so that any record can be read without decoding its neighbours.
 WRITER_OPTIONS = "group_size:1"
@@ -48,15 +65,89 @@ class TokenizedExample:
                    np.asarray(record["prompt"], np.int32), np.asarray(record["completion"], np.int32))
 
 
-def tokenize_example(example: TaskExample, tokenizer: Encoder, bos_id: int | None = None,
-                     eos_id: int | None = None) -> TokenizedExample:
-    """`[bos] + encode(prompt)` and `encode(completion) + [eos]` (bos and eos only when given)."""
-    prompt = ([bos_id] if bos_id is not None else []) + list(tokenizer.encode(example.prompt))
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """What fitting one example to the length limit took."""
+
+    history_items_dropped: int = 0  # oldest SID spans removed from the prompt
+    prompt_cut: bool = False  # the prompt's text after the header was also cut at the token level
+
+    @property
+    def shortened(self) -> bool:
+        return self.history_items_dropped > 0 or self.prompt_cut
+
+
+def _split_header(prompt: str) -> tuple[str, str]:
+    """`(header line with its newline, the rest)` of a prompt."""
+    end = prompt.find("\n") + 1
+    return (prompt[:end], prompt[end:]) if end else (prompt, "")
+
+
+def _drop_oldest(body: str, starts: list[int], count: int) -> str:
+    """`body` without its first `count` SID spans, each with the text up to the next span."""
+    return body[:starts[0]] + body[starts[count]:] if count else body
+
+
+def fit_example(example: TaskExample, tokenizer: Encoder, bos_id: int | None = None, eos_id: int | None = None,
+                max_length: int = 0, index: int | None = None) -> tuple[TokenizedExample, Fit]:
+    """`[bos] + encode(prompt)` and `encode(completion) + [eos]` (bos and eos only when given),
+    with the prompt shortened to fit `max_length` tokens in all (0: no limit) as the module
+    docstring describes; `index` names the example in errors."""
+    bos = [bos_id] if bos_id is not None else []
+    where = f"example {index} ({example.task})" if index is not None else f"a {example.task} example"
     completion = list(tokenizer.encode(example.completion)) + ([eos_id] if eos_id is not None else [])
     if not completion:
-        raise UserError(f"a {example.task} example has an empty completion: {example.prompt[:80]!r}")
+        raise UserError(f"{where} has an empty completion: {example.prompt[:80]!r}")
+    prompt = bos + list(tokenizer.encode(example.prompt))
+    budget = max_length - len(completion)  # tokens the prompt may have
+    fit = Fit()
+    if max_length <= 0 or len(prompt) <= budget:
+        return _tokenized(example, prompt, completion), fit
+
+    header, body = _split_header(example.prompt)
+    header_ids = bos + list(tokenizer.encode(header))
+    if len(header_ids) + len(completion) > max_length:
+        raise UserError(f"{where} cannot fit max_length {max_length}: its completion alone is {len(completion)} "
+                        f"tokens and the prompt's header {len(header_ids)} (bos included); no cut of the prompt "
+                        f"fits it (the completion is never cut). Raise --max-length (and the training seq_len) "
+                        f"or write shorter completions (e.g. a smaller --window). Prompt: {example.prompt[:80]!r}")
+    starts = [m.start() for m in re.finditer(re.escape(SID_OPEN), body)]
+    droppable = max(len(starts) - 1, 0)  # the newest SID span stays
+
+    def encoded(count: int) -> list[int]:
+        return bos + list(tokenizer.encode(header + _drop_oldest(body, starts, count)))
+
+    if droppable:
+        # The fewest drops that fit (the length shrinks as items go): binary search over 1..droppable.
+        low, high = 1, droppable
+        if len(encoded(high)) <= budget:
+            while low < high:
+                middle = (low + high) // 2
+                if len(encoded(middle)) <= budget:
+                    high = middle
+                else:
+                    low = middle + 1
+        fit = Fit(history_items_dropped=high)
+        prompt = encoded(high)
+        if len(prompt) <= budget:
+            return _tokenized(example, prompt, completion), fit
+        body = _drop_oldest(body, starts, high)
+    rest = list(tokenizer.encode(body))
+    keep = budget - len(header_ids)  # >= 0, checked above
+    prompt = header_ids + rest[max(len(rest) - keep, 0):]
+    return _tokenized(example, prompt, completion), dataclasses.replace(fit, prompt_cut=keep < len(rest))
+
+
+def _tokenized(example: TaskExample, prompt: list[int], completion: list[int]) -> TokenizedExample:
     return TokenizedExample(example.task, example.entity_type, example.output_format,
                             np.asarray(prompt, np.int32), np.asarray(completion, np.int32))
+
+
+def tokenize_example(example: TaskExample, tokenizer: Encoder, bos_id: int | None = None,
+                     eos_id: int | None = None, max_length: int = 0) -> TokenizedExample:
+    """`[bos] + encode(prompt)` and `encode(completion) + [eos]` (bos and eos only when given),
+    fitted to `max_length` tokens (0: no limit; see `fit_example`)."""
+    return fit_example(example, tokenizer, bos_id, eos_id, max_length)[0]
 
 
 def shard_paths(directory: str | Path, split: str, num_shards: int) -> list[Path]:
@@ -69,30 +160,41 @@ class WriteSummary:
     examples: int
     shards: int
     tokens: int
-    max_length: int  # longest prompt + completion, to choose the packing length by
+    max_length: int  # longest prompt + completion as written, to choose the packing length by
+    length_limit: int = 0  # the `max_length` examples were fitted to (0: none)
+    history_items_dropped: int = 0  # oldest history items dropped from prompts, over all examples
+    examples_shortened: int = 0  # examples whose prompt lost anything
+    prompts_cut: int = 0  # of those, prompts also cut at the token level after the header
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def write_records(examples: Iterable[TaskExample], directory: str | Path, split: str, tokenizer: Encoder,
-                  num_shards: int = 1, bos_id: int | None = None, eos_id: int | None = None) -> WriteSummary:
-    """Tokenize `examples` and write them round-robin into `num_shards` ArrayRecord files in `directory`."""
+                  num_shards: int = 1, bos_id: int | None = None, eos_id: int | None = None,
+                  max_length: int = 0) -> WriteSummary:
+    """Tokenize `examples`, each fitted to `max_length` tokens (0: no limit; pass the training
+    `seq_len + 1`), and write them round-robin into `num_shards` ArrayRecord files in `directory`."""
     if num_shards < 1:
         raise UserError(f"num_shards must be positive, got {num_shards}")
+    if max_length < 0:
+        raise UserError(f"max_length must be 0 (no limit) or positive, got {max_length}")
     writers = [ArrayRecordWriter(str(path), WRITER_OPTIONS) for path in shard_paths(directory, split, num_shards)]
-    count = tokens = max_length = 0
+    count = tokens = longest = dropped = shortened = cut = 0
     try:
         for count, example in enumerate(examples, start=1):
-            record = tokenize_example(example, tokenizer, bos_id, eos_id)
+            record, fit = fit_example(example, tokenizer, bos_id, eos_id, max_length, index=count - 1)
             writers[(count - 1) % num_shards].write(record.to_bytes())
             length = record.prompt.size + record.completion.size
             tokens += length
-            max_length = max(max_length, length)
+            longest = max(longest, length)
+            dropped += fit.history_items_dropped
+            shortened += fit.shortened
+            cut += fit.prompt_cut
     finally:
         for writer in writers:
             writer.close()
-    return WriteSummary(split, count, num_shards, tokens, max_length)
+    return WriteSummary(split, count, num_shards, tokens, longest, max_length, dropped, shortened, cut)
 
 
 def record_paths(directory: str | Path, split: str) -> list[str]:

@@ -130,6 +130,26 @@ class Interactions:
         negative = np.zeros(len(self), bool) if self.feedback is None else self.feedback == NEGATIVE
         return self._per_user(negative)
 
+    def negatives_before(self, positives_kept: list[int]) -> list[np.ndarray]:
+        """Per user u: the time-ordered catalog rows of negative events that come before the user's
+        positive event number `positives_kept[u]` (0-based, in the order of `sequences()`), i.e.
+        while only the first `positives_kept[u]` items of the positive history had happened; all of
+        them when the user has no more positives than that. Events are ordered by timestamp, ties
+        in file order, exactly as `sequences()` orders the positives, so a negative at the same
+        moment as that positive counts as before it only if the file lists it first."""
+        if len(positives_kept) != self.num_users:
+            raise UserError(f"negatives_before: {len(positives_kept)} cut-offs for {self.num_users} users")
+        positive = np.ones(len(self), bool) if self.feedback is None else self.feedback == POSITIVE
+        negative = np.zeros(len(self), bool) if self.feedback is None else self.feedback == NEGATIVE
+        order = self._time_order()
+        users = self.users[order]
+        bounds = np.searchsorted(users, np.arange(self.num_users + 1))
+        seen = np.concatenate([[0], np.cumsum(positive[order])])  # [n_events + 1] positives before each
+        positives_before = seen[:-1] - seen[bounds[users]]  # [n_events] of the same user, in time order
+        keep = np.zeros(len(self), bool)
+        keep[order] = negative[order] & (positives_before <= np.asarray(positives_kept, np.int64)[users])
+        return self._per_user(keep)
+
 
 @dataclasses.dataclass(frozen=True)
 class Queries:

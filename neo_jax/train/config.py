@@ -13,7 +13,7 @@ from typing import Literal
 
 import grain
 
-from neo_jax.config import MeshConfig
+from neo_jax.config import MeshConfig, to_dict
 from neo_jax.data.pipeline import check_task_weights, record_tasks
 from neo_jax.data.records import record_paths
 from neo_jax.errors import UserError
@@ -28,7 +28,8 @@ class InitConfig:
     `model_config` is a `ModelConfig` YAML (e.g. configs/model_tiny.yaml) for a random
     model seeded by `seed`; its `vocab_size` is replaced by the tokenizer's padded
     vocabulary. A run that finds its own checkpoints
-    in `RUN_DIR/checkpoints` resumes from them instead.
+    in `RUN_DIR/checkpoints` resumes from them instead, with the learning-rate schedule it
+    started with (`check_resume_schedule`).
     """
 
     checkpoint: str | None = None
@@ -221,6 +222,59 @@ def _check_recall(config: TrainConfig) -> None:
         raise UserError(f"eval.recall_sids: {evaluation.recall_sids} does not exist")
     if config.data.tokenizer is None:
         raise UserError("data.tokenizer is not set; the Recall evaluation encodes its prompts with it")
+
+
+# The settings the learning-rate schedule is built from (`neo_jax.train.stages.learning_rate_schedule`:
+# warm-up, then cosine decay over `steps`).
+SCHEDULE_SETTINGS = ("steps", "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.end_lr_ratio")
+
+
+def _setting(values: dict, name: str):
+    for part in name.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
+
+
+def schedule_settings(values: dict) -> dict[str, object]:
+    """The `SCHEDULE_SETTINGS` of a config as a plain dict (`neo_jax.config.to_dict`), by dotted name."""
+    return {name: _setting(values, name) for name in SCHEDULE_SETTINGS}
+
+
+def check_resume_schedule(saved: dict, config: TrainConfig, latest_step: int, final: str | Path) -> None:
+    """Refuse to resume a run whose checkpoints were written under other schedule settings.
+
+    `saved` is the run's own config as saved in `RUN_DIR/train_config.json` (a plain dict);
+    `final` is where the run writes its model (`RUN_DIR/final`).
+    Resuming with another `steps` (or learning rate, warm-up, end ratio) would rebuild the
+    schedule mid-run and jump the learning rate at the restored step; instead, finish the run
+    with its own settings, or train further in a new run_dir initialised from `RUN_DIR/final`.
+    """
+    from neo_jax.train.stages import learning_rate_schedule  # stages imports this module
+
+    before, now = schedule_settings(saved), schedule_settings(to_dict(config))
+    differ = [name for name in SCHEDULE_SETTINGS if before[name] != now[name]]
+    if not differ:
+        return
+    changes = ", ".join(f"{name} {before[name]} -> {now[name]}" for name in differ)
+    original = " ".join(f"{name}={before[name]}" for name in differ)
+    jump = ""
+    try:
+        saved_optimizer = OptimizerConfig(**saved["optimizer"])
+        lr_before = float(learning_rate_schedule(saved_optimizer, int(saved["steps"]))(latest_step))
+        lr_now = float(learning_rate_schedule(config.optimizer, config.steps)(latest_step))
+        jump = f" (the learning rate at step {latest_step} would go from {lr_before:.3g} to {lr_now:.3g})"
+    except (KeyError, TypeError, ValueError):
+        pass  # a saved config of another shape: the settings above still say what differs
+    finished = isinstance(before["steps"], int) and latest_step >= before["steps"]
+    how = (f"This run is complete (its model is {final}); to train further, start a new run_dir with "
+           f"init.checkpoint={final} (and no init.model_config): a new optimizer and schedule. To reuse it "
+           f"unchanged, pass its own settings ({original})." if finished else
+           f"To continue it, pass its own settings ({original}); to train further with a new schedule, "
+           f"finish it that way, then start a new run_dir with init.checkpoint={final} (and no init.model_config).")
+    raise UserError(
+        f"run_dir {config.run_dir} holds checkpoints up to step {latest_step} of a run whose learning-rate "
+        f"schedule differs from this config's: {changes}. Resuming would rebuild the schedule mid-run{jump}, "
+        f"so it is refused; nothing in the run_dir was changed. {how}")
 
 
 def num_data_shards(config: TrainConfig, process_count: int) -> int:

@@ -4,10 +4,16 @@
 
 Set-up order: settings and paths, joining the other processes, the mesh and the batch
 layout, the Recall@K validation inputs (`eval.recall_*`), the model's vocabulary and shape,
-the data iterators; only then is anything compiled. A run directory with checkpoints resumes
-from the latest one (same data position, same optimizer state). Process 0 writes `metrics.jsonl`, TensorBoard events
-and the progress line; every process takes part in saves. A completed run writes its
-model (LoRA adapters merged) to `RUN_DIR/final`, the `init.checkpoint` of the next stage.
+the data iterators, the latest checkpoint (and whether it may be resumed); only then is anything
+compiled. A run directory with checkpoints resumes from the latest one (same data position, same
+optimizer state, same learning-rate schedule). The schedule is built from `steps` and the
+optimizer's learning rate, warm-up and end ratio; the run saves them in `RUN_DIR/train_config.json`,
+and a resume whose settings differ is refused (`check_resume_schedule`) before anything is restored
+or written: a 3,000-step run continued with steps=6000 would otherwise jump its learning rate at step
+3,000. To train further, start a new run directory with `init.checkpoint=RUN_DIR/final`.
+Process 0 writes `metrics.jsonl`, TensorBoard events and the progress line; every process takes
+part in saves. A completed run writes its model (LoRA adapters merged) to `RUN_DIR/final`, the
+`init.checkpoint` of the next stage.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,13 +41,14 @@ from neo_jax.config import load_config, to_dict
 from neo_jax.data.tasks import read_examples
 from neo_jax.errors import UserError
 from neo_jax.eval.recommend import recall_hook
+from neo_jax.json_file import read_json_object
 from neo_jax.model import Decoder, ModelConfig
 from neo_jax.model.extend_vocab import extend_vocab
 from neo_jax.sharding import create_sharded, make_mesh, state_shardings
 from neo_jax.tokenizer import LAYOUT_FILE, MixedTokenizer
 from neo_jax.train import distributed
 from neo_jax.train.checkpointing import PreemptionWatch, TrainCheckpoints, abstract_like
-from neo_jax.train.config import TrainConfig, check_against_mesh, check_settings
+from neo_jax.train.config import TrainConfig, check_against_mesh, check_resume_schedule, check_settings
 from neo_jax.train.flops import matmul_params, measured_peak_flops, mfu, train_flops_per_token
 from neo_jax.train.input import train_batches, validation_batches
 from neo_jax.train.monitor import MetricsLog, Progress
@@ -157,6 +165,17 @@ def _config_hooks(config: TrainConfig, mesh: Mesh) -> list[ValidationHook]:
                         examples, evaluation.recall_beams, mesh)]
 
 
+def _check_resume(config: TrainConfig, latest_step: int) -> None:
+    """A run directory with checkpoints resumes only under the schedule settings it saved."""
+    saved_path = Path(config.run_dir) / CONFIG_FILE
+    if not saved_path.is_file():  # a run dir of an older version, or copied without it: nothing to compare
+        if jax.process_index() == 0:
+            print(f"neo_jax: {saved_path} is missing; resuming from step {latest_step} without checking that "
+                  "steps and the learning-rate schedule are the run's own", file=sys.stderr, flush=True)
+        return
+    check_resume_schedule(read_json_object(saved_path), config, latest_step, Path(config.run_dir) / FINAL_DIR)
+
+
 def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     check_settings(config)
     distributed.initialize(config.distributed)
@@ -184,6 +203,12 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     checkpoints = TrainCheckpoints(config.run_dir, config.checkpoint)
     start_step = checkpoints.latest_step()
     if start_step is not None:
+        try:
+            _check_resume(config, start_step)  # before restoring, compiling or writing anything
+        except UserError:
+            checkpoints.close()
+            data.close()
+            raise
         state = checkpoints.restore(start_step, abstract_like(abstract_state, shardings), data)
     else:
         start_step = 0
