@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "model": ("neo_jax.bench.model", "train-step tokens/s and MFU, against transformers + torch"),
     "trie": ("neo_jax.bench.trie", "SID trie build time, bytes and peak memory for a synthetic N-item catalog"),
     "decode": ("neo_jax.bench.decode", "constrained vs unconstrained vs host-trie beam search ms/step by catalog size"),
+    "rec": ("neo_jax.bench.rec", "the generative recommender vs SASRec, transition and popularity on one dataset"),
 }
 
 

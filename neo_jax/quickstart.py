@@ -23,36 +23,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from neo_jax.baselines.popularity import padded_rows, popularity_metrics, training_counts
 from neo_jax.catalog.commands import SidsBuildConfig, build_sids
 from neo_jax.catalog.embed_collab import CollabConfig
 from neo_jax.catalog.embeddings import EmbeddingConfig
 from neo_jax.catalog.embed_text import TextEncoderConfig
 from neo_jax.catalog.sids import SidConfig
-from neo_jax.cli import main as cli_main
 from neo_jax.config import MeshConfig, load_config
 from neo_jax.data.loaders import load_dataset
 from neo_jax.data.splits import leave_one_out
 from neo_jax.data.synthetic import SynthConfig
 from neo_jax.data.tasks import read_examples
 from neo_jax.errors import UserError
-from neo_jax.eval.metrics import ranking_metrics
+from neo_jax.run_steps import DEFAULT_MODEL, StageSettings, cli_step, say, train_stage
 
 GROUNDING_TASKS = "sid_to_text,text_to_sid,sid_to_type"
 
-# A small Llama-style decoder (about 1M parameters with the extended vocabulary); `vocab_size`
-# is replaced by the tokenizer's padded vocabulary.
-DEFAULT_MODEL = {
-    "architecture": "LlamaForCausalLM", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 384,
-    "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True, "dtype": "float32",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,45 +71,18 @@ class QuickstartConfig:
     beams: int = 10
 
 
-def _say(message: str) -> None:
-    print(f"[quickstart] {message}", file=sys.stderr, flush=True)
+PREFIX = "quickstart"
 
 
 def _step(name: str, out_dir: Path, command: list[str]) -> None:
-    """Run a CLI step unless its output directory exists (a finished step)."""
-    if out_dir.exists():
-        _say(f"{name}: {out_dir} exists, skipped")
-        return
-    _say(f"{name}: neo-jax {' '.join(command)}")
-    if cli_main(command) != 0:
-        raise UserError(f"quickstart step '{name}' failed (see the message above)")
+    cli_step(PREFIX, name, out_dir, command)
 
 
 def _train_stage(config: QuickstartConfig, root: Path, stage: str, init: dict, records: Path, steps: int,
                  learning_rate: float) -> Path:
-    from neo_jax.train.config import TrainConfig
-    from neo_jax.train.trainer import train
-
-    run_dir = root / f"train_{stage}"
-    settings = {
-        "run_dir": str(run_dir), "stage": stage, "init": init, "seed": config.seed,
-        "data": {"records_dir": str(records), "tokenizer": str(root / "tokenizer")},
-        "mesh": dataclasses.asdict(config.mesh), "steps": steps, "batch_size": config.batch_size,
-        "seq_len": config.seq_len, "log_every": 10,
-        "optimizer": {"learning_rate": learning_rate, "warmup_steps": max(1, steps // 10),
-                      "weight_decay": 0.0 if stage == "grounding" else 0.1},
-        "checkpoint": {"every_steps": max(1, steps // 4), "keep": 2},
-        "eval": {"every_steps": max(1, steps // 4), "batches": 4},
-    }
-    config_path = root / f"train_{stage}.yaml"
-    config_path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
-    _say(f"train {stage}: neo-jax train --config {config_path}")
-    result = train(load_config(TrainConfig, config_path))
-    if result.preempted or result.final_dir is None:
-        raise UserError(f"training stage {stage} stopped at step {result.step}; run the quickstart again to resume")
-    if result.loss is not None:  # None when the stage had already finished
-        _say(f"train {stage}: loss {result.loss:.4f}, valid_loss {result.valid_loss}")
-    return Path(result.final_dir)
+    settings = StageSettings(stage=stage, steps=steps, learning_rate=learning_rate, batch_size=config.batch_size,
+                             seq_len=config.seq_len, seed=config.seed, mesh=config.mesh)
+    return train_stage(PREFIX, root / f"train_{stage}", settings, init, records, root / "tokenizer")
 
 
 def popularity_baseline(data_dir: Path, targets: np.ndarray, target_types: list[str], beams: int,
@@ -125,18 +90,13 @@ def popularity_baseline(data_dir: Path, targets: np.ndarray, target_types: list[
     """Recall/NDCG@K of recommending each user the most frequent training items of the asked type
     (with `histories`, catalog rows per user: the most frequent ones the user does not have)."""
     dataset = load_dataset(data_dir)
-    counts = np.bincount(np.concatenate(leave_one_out(dataset.interactions.sequences()).train_sequences),
-                         minlength=len(dataset.catalog))  # [n_items] training events per item
-    longest = max((len(h) for h in histories), default=0) if histories else 0
-    top = {}
+    catalog = dataset.catalog
+    counts = training_counts(leave_one_out(dataset.interactions.sequences()).train_sequences, len(catalog))
     for name in set(target_types):
-        rows = np.asarray(dataset.catalog.rows_of_type(name))  # [items of the type]
-        top[name] = rows[np.argsort(-counts[rows], kind="stable")[:beams + longest]]  # most frequent first
-    ranked = np.full((len(targets), beams), -1, np.int64)  # [users, beams]
-    for i, name in enumerate(target_types):
-        chosen = [r for r in top[name] if histories is None or r not in histories[i]][:beams]
-        ranked[i, : len(chosen)] = chosen
-    return ranking_metrics(ranked, targets, tuple(k for k in (5, 10) if k <= beams))
+        catalog.rows_of_type(name)  # a clear error for a type the catalog lacks
+    user_types = np.array([catalog.type_names.index(name) for name in target_types], np.int64)  # [users]
+    return popularity_metrics(counts, targets, tuple(k for k in (5, 10) if k <= beams),
+                              padded_rows(histories) if histories else None, catalog.item_types, user_types)
 
 
 def run_quickstart(config: QuickstartConfig) -> dict:
@@ -154,10 +114,10 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         if not data_dir.is_dir():
             raise UserError(f"data: {data_dir} is not a directory")
     if not (root / "sids").exists():
-        _say("sids: neo-jax sids build (settings in the quickstart config)")
+        say(PREFIX, "sids: neo-jax sids build (settings in the quickstart config)")
         summary = build_sids(SidsBuildConfig(data=str(data_dir), output=str(root / "sids"), seed=config.seed,
                                              embedding=config.embedding, sids=config.sids))
-        _say(f"sids: {json.dumps({k: summary[k] for k in ('items', 'types') if k in summary})}")
+        say(PREFIX, f"sids: {json.dumps({k: summary[k] for k in ('items', 'types') if k in summary})}")
     sids_tsv = str(root / "sids" / "sids.tsv")
     _step("tasks", root / "tasks", ["data", "tasks", str(data_dir), sids_tsv, str(root / "tasks"),
                                     "--seed", str(config.seed)])
@@ -170,7 +130,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     for name in ("tasks", "tasks_grounding"):
         _step(f"records ({name})", root / f"records_{name}",
               ["data", "records", str(root / name), str(root / "tokenizer"), str(root / f"records_{name}"),
-               "--shards", "1", "--splits", "train,valid"])
+               "--shards", "1", "--splits", "train,valid", "--max-length", str(config.seq_len + 1)])
     model_path = root / "model.yaml"
     model_path.write_text(yaml.safe_dump({**DEFAULT_MODEL, **config.model, "vocab_size": config.text_vocab_size}),
                           encoding="utf-8")
@@ -186,7 +146,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     examples_path = root / "tasks" / f"{config.eval_split}.jsonl"
     examples = read_examples(examples_path)
     examples = examples[: config.eval_users] if config.eval_users else examples
-    _say(f"eval: neo-jax eval recommend --ckpt {tuned} --sids {root / 'sids'} --tokenizer {root / 'tokenizer'} "
+    say(PREFIX, f"eval: neo-jax eval recommend --ckpt {tuned} --sids {root / 'sids'} --tokenizer {root / 'tokenizer'} "
          f"--examples {examples_path} --beams {config.beams} --limit {len(examples)}"
          + (" --exclude-history" if config.exclude_history else ""))
     generator = load_generator(tuned, root / "sids", make_mesh(config.mesh), root / "tokenizer")

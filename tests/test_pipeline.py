@@ -224,3 +224,24 @@ def test_commands_from_synthetic_data_to_batches(tmp_path):
     completion_targets = batch["targets"][batch["loss_mask"] == 1]
     assert (completion_targets >= layout.sid_start).any()  # SID code tokens are learned
     assert layout.sid_close_id in completion_targets and text.eos_id in completion_targets
+
+
+def test_window_example_loss_covers_every_item_span_and_no_header(tmp_path):
+    from neo_jax.data.tasks import PromptHeader, TaskBuilder, TaskConfig
+    from neo_jax.data.schema import Catalog
+    from neo_jax.vocab import format_sid
+
+    catalog = Catalog(["a", "b", "c"], ("product",), np.zeros(3, np.int32), {"title": ["x", "y", "z"]})
+    sid_map = {r: ("product", (r, 2 - r)) for r in range(3)}
+    builder = TaskBuilder(catalog, sid_map, TaskConfig(window=3), np.random.default_rng(0))
+    example = builder.window(np.array([2, 0, 1]))
+    write_records([example], tmp_path, "train", ByteTokenizer(), bos_id=BOS, eos_id=EOS)
+    config = PipelineConfig(seq_len=256, batch_size=1, num_epochs=1, shuffle=False)
+    (batch,) = one_epoch(record_paths(tmp_path, "train"), config)
+    header = PromptHeader("recommend", "product", "ids").render()
+    masked = batch["targets"][0][batch["loss_mask"][0] == 1]
+    assert ByteTokenizer().decode(masked[:-1]) == "".join(format_sid(*sid_map[r]) for r in (2, 0, 1))
+    assert masked[-1] == EOS
+    # every target before the first item is header (or bos) and carries no loss
+    unmasked = (batch["loss_mask"][0] == 0) & (batch["segment_ids"][0] == 1)
+    assert unmasked.sum() == len(ByteTokenizer().encode(header))

@@ -19,7 +19,8 @@ from neo_jax.catalog.kmeans import kmeans, kmeans_plus_plus
 from neo_jax.catalog.residual import fit_residual_kmeans, residual_encode
 from neo_jax.catalog.rqvae import RqVaeConfig, fit_rqvae
 from neo_jax.catalog.sid_output import load_sid_output
-from neo_jax.catalog.sids import QuantiserConfig, SidConfig, assign_sids, quantise
+from neo_jax.catalog.sids import (QuantiserConfig, SidConfig, assign_sids, mean_pair_cosine, prefix_coherence,
+                                  quantise)
 from neo_jax.catalog.table import build_trie
 from neo_jax.cli import main
 from neo_jax.config import load_config
@@ -165,9 +166,11 @@ def test_assign_sids_per_type(collisions):
     x, types, names = multi_type_inputs()
     config = SidConfig(codebook_sizes=(4, 4), type_codebook_sizes={"brand": (3, 2, 2), "creator": (5,)},
                        quantiser=QuantiserConfig(kmeans_iters=10), collisions=collisions)
-    first = assign_sids(x, types, names, config, seed=7)
-    assert np.array_equal(first.codes, assign_sids(x, types, names, config, seed=7).codes)  # same seed, same SIDs
-    assert not np.array_equal(first.codes, assign_sids(x, types, names, config, seed=8).codes)
+    popularity = np.arange(120)
+    first = assign_sids(x, types, names, config, seed=7, popularity=popularity)
+    again = assign_sids(x, types, names, config, seed=7, popularity=popularity)
+    assert np.array_equal(first.codes, again.codes)  # same seed, same SIDs
+    assert not np.array_equal(first.codes, assign_sids(x, types, names, config, seed=8, popularity=popularity).codes)
     for t, type_sids in enumerate(first.per_type):
         assert np.array_equal(type_sids.rows, np.flatnonzero(types == t))
         assert len({tuple(r) for r in type_sids.codes.tolist()}) == type_sids.rows.size
@@ -179,6 +182,34 @@ def test_assign_sids_per_type(collisions):
     summary = first.summary()
     assert summary["items"] == 120 and summary["collision_rate_after"] == 0.0
     assert set(summary["codebook_use"]) == set(names)
+
+
+def test_disambiguation_level_ranks_by_popularity():
+    codes = np.array([[0, 1], [0, 1], [2, 0], [0, 1]])
+    resolved = resolve_collisions(codes, (4, 4), "extra_level", priority=np.array([5, 9, 1, 7]))
+    assert resolved.codes[:, 2].tolist() == [2, 0, 0, 1]  # most popular of the shared SID gets code 0
+    assert resolved.codebook_sizes == (4, 4, 3)
+    in_row_order = resolve_collisions(codes, (4, 4), "extra_level")
+    assert in_row_order.codes[:, 2].tolist() == [0, 1, 0, 2]
+
+
+def test_assign_sids_needs_popularity_for_popularity_order():
+    x, types, names = multi_type_inputs()
+    with pytest.raises(UserError, match="popularity"):
+        assign_sids(x, types, names, SidConfig(codebook_sizes=(4, 4)), seed=0)
+    catalog_order = SidConfig(codebook_sizes=(4, 4), disambiguation_order="catalog")
+    assert assign_sids(x, types, names, catalog_order, seed=0).codes.shape[0] == 120
+
+
+def test_prefix_coherence_by_hand():
+    embeddings = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [3.0, 0.0]])
+    codes = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
+    # prefix 0: cos(a, b) = 0; prefix 1: cos(c, d) = 1/sqrt(2); both groups hold 2 items
+    assert prefix_coherence(embeddings, codes) == pytest.approx([0.5 / np.sqrt(2)])
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    pairs = [unit[i] @ unit[j] for i in range(4) for j in range(4) if i != j]
+    assert mean_pair_cosine(unit, np.zeros(4, np.int64)) == pytest.approx(np.mean(pairs))
+    assert np.isnan(mean_pair_cosine(unit, np.arange(4)))  # no group of two: undefined
 
 
 @pytest.mark.parametrize("embeddings,types,config,message", [

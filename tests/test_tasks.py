@@ -16,7 +16,7 @@ from neo_jax.data.splits import MIN_EVAL_LENGTH, leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.data.tasks import (ANY_TYPE, TASK_FORMATS, TASKS, TEMPLATES, PromptHeader, TaskBuilder, TaskConfig,
                                 build_eval_examples, build_train_examples, load_sid_map, parse_header,
-                                read_examples, write_examples)
+                                read_examples, window_spans, write_examples)
 from neo_jax.errors import UserError
 from neo_jax.vocab import SID_CODE_PATTERN, format_sid
 
@@ -222,3 +222,90 @@ def test_load_sid_map(tmp_path, tiny_catalog):
 def test_bad_sid_map(tmp_path, tiny_catalog, rows, message):
     with pytest.raises(UserError, match=message):
         load_sid_map(write_sids(tmp_path / "sids.tsv", rows), tiny_catalog)
+
+
+# -- window examples --------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 60), st.integers(1, 25))
+def test_window_spans_cover_every_item_once_newest_first(length, window):
+    spans = window_spans(length, window)
+    assert [i for start, end in spans for i in range(start, end)] == list(range(length))
+    assert all(0 < end - start <= window for start, end in spans)
+    assert all(end - start == window for start, end in spans[1:])  # only the oldest span may be short
+    if length:
+        assert spans[-1][1] == length
+
+
+def test_window_examples_put_every_training_item_in_the_completion(dataset):
+    split = leave_one_out(dataset.interactions.sequences())
+    sid_map = toy_sid_map(dataset.catalog)
+    examples = build_train_examples(dataset, split, sid_map, TaskConfig(tasks=("recommend",), window=4))
+    sid_of = {format_sid(*sid_map[r]): r for r in range(len(dataset.catalog))}
+    covered = collections.Counter()
+    for example in examples:
+        header = parse_header(example.prompt)
+        assert example.prompt == header.render()  # the header alone: no loss on anything but items
+        assert (header.task, header.output_format) == ("recommend", "ids")
+        spans = re.findall(r"\[SID\].*?\[/SID\]", example.completion)
+        assert "".join(spans) == example.completion and 1 <= len(spans) <= 4
+        rows = [sid_of[s] for s in spans]
+        types = {dataset.catalog.type_name(r) for r in rows}
+        assert header.entity_type == (types.pop() if len(types) == 1 else ANY_TYPE)
+        covered.update(rows)
+    expected = collections.Counter(int(r) for seq in split.train_sequences for r in seq)
+    assert covered == expected  # every training item is a target exactly once an epoch
+
+
+def test_window_eval_examples_continue_the_training_layout(dataset):
+    split = leave_one_out(dataset.interactions.sequences())
+    sid_map = toy_sid_map(dataset.catalog)
+    config = TaskConfig(tasks=("recommend",), window=5)
+    examples = build_eval_examples(dataset, split.test, sid_map, config)
+    for seq_example, example in zip(split.test, examples):
+        header = PromptHeader("recommend", dataset.catalog.type_name(seq_example.target), "ids")
+        recent = seq_example.history[-4:].tolist()
+        assert example.prompt == header.render() + "".join(format_sid(*sid_map[r]) for r in recent)
+        assert example.completion == format_sid(*sid_map[seq_example.target])
+        assert len(example.history) == len(seq_example.history)  # the whole history, for exclusion
+
+
+@pytest.mark.parametrize("window", [-1, 1])
+def test_bad_window_is_refused(window):
+    with pytest.raises(UserError, match="window"):
+        TaskConfig(window=window)
+
+
+def test_profiles_use_no_negative_feedback_from_after_the_split_point():
+    """user_profile reads only the negatives given before the user's first held-out item."""
+    from neo_jax.data.schema import NEGATIVE, POSITIVE, Dataset, Interactions
+
+    titles = ["garden tools"] * 7 + ["early dislike", "between dislike", "late dislike", "tied late dislike",
+                                     "tied early dislike", "short dislike"]
+    catalog = Catalog([f"i{r}" for r in range(len(titles))], ("product",), np.zeros(len(titles), np.int32),
+                      {"title": titles})
+    # user 0: positives 0..4 at t=1..5, so training holds 0, 1, 2; item 3 (t=4) is the validation
+    # target and item 4 (t=5) the test target. Negatives: 7 at t=2 and 8 at t=3.5 (before the split
+    # point), 9 at t=4.5 (after it), 11 at t=4 listed before the validation event (counts as before
+    # it, as the time order of ties is file order), 10 at t=4 listed after it (after the split point).
+    # user 1: two positives (5, 6), too short to be evaluated: all its negatives are training data.
+    events = [(0, 0, 1, POSITIVE), (0, 1, 2, POSITIVE), (0, 7, 2, NEGATIVE), (0, 2, 3, POSITIVE),
+              (0, 8, 3.5, NEGATIVE), (0, 11, 4, NEGATIVE), (0, 3, 4, POSITIVE), (0, 10, 4, NEGATIVE),
+              (0, 9, 4.5, NEGATIVE), (0, 4, 5, POSITIVE),
+              (1, 5, 1, POSITIVE), (1, 6, 2, POSITIVE), (1, 12, 9, NEGATIVE)]
+    users, items, times, feedback = (np.array(column) for column in zip(*events))
+    interactions = Interactions(["u0", "u1"], users.astype(np.int32), items.astype(np.int32),
+                                (times * 10).astype(np.int64), feedback=feedback.astype(np.int8))
+    dataset_ = Dataset(catalog, interactions)
+    split = leave_one_out(interactions.sequences())
+    np.testing.assert_array_equal(split.train_sequences[0], [0, 1, 2])
+    kept = interactions.negatives_before([len(s) for s in split.train_sequences])
+    np.testing.assert_array_equal(kept[0], [7, 8, 11])
+    np.testing.assert_array_equal(kept[1], [12])
+    np.testing.assert_array_equal(interactions.negatives()[0], [7, 8, 11, 10, 9])  # what leaked before
+
+    examples = build_train_examples(dataset_, split, toy_sid_map(catalog), TaskConfig(tasks=("user_profile",)))
+    profiles = {e.prompt.count("[SID]"): e.completion for e in examples}  # user 0's history is 3 items, 1's 2
+    assert profiles[3] == ("This user is interested in garden tools. "
+                           "They dislike between dislike, early dislike, tied early dislike.")
+    assert profiles[2] == "This user is interested in garden tools. They dislike short dislike."

@@ -110,9 +110,15 @@ def test_train_sentencepiece_round_trips_and_saves(tmp_path):
 
 
 def test_train_sentencepiece_bad_size_is_user_error(tmp_path):
-    with pytest.raises(UserError, match="sentencepiece model of 100000 tokens"):
-        train_sentencepiece(["tiny corpus"] * 5, vocab_size=100000, out_path=tmp_path / "m.model")
+    with pytest.raises(UserError, match="sentencepiece model of 10 tokens"):  # below the 256 byte pieces
+        train_sentencepiece(["tiny corpus"] * 5, vocab_size=10, out_path=tmp_path / "m.model")
     assert not (tmp_path / "m.model").exists()
+
+
+def test_train_sentencepiece_size_is_an_upper_bound(tmp_path):
+    tokenizer = train_sentencepiece(["tiny corpus"] * 5, vocab_size=100000, out_path=tmp_path / "m.model")
+    assert 256 < tokenizer.vocab_size < 400  # what the text holds, not an error
+    assert tokenizer.decode(tokenizer.encode("tiny corpus")) == "tiny corpus"
 
 
 def test_tokenizer_json_directory_with_config(tmp_path):

@@ -2,8 +2,9 @@
 
 Two methods:
 - `extra_level` (TIGER, the default): items that share a full SID get one more level
-  whose code is their rank in the group (0, 1, ...). The level's codebook size is the
-  largest group; every item of the type carries the level (0 where it was alone).
+  whose code is their rank in the group (0, 1, ...; by training popularity when given, so
+  code 0 is the group's most frequent item). The level's codebook size is the largest group;
+  every item of the type carries the level (0 where it was alone).
 - `balanced`: first re-assign the last level within each group of items that share all
   earlier codes, so that no two of them take the same last code, each item getting the
   nearest free code (rounds of proposals: every unplaced item proposes its nearest free
@@ -44,9 +45,11 @@ def collision_stats(codes: np.ndarray) -> CollisionStats:
     )
 
 
-def rank_within_groups(groups: np.ndarray) -> np.ndarray:
-    """`[n]` position of each row among the rows of its group, in row order."""
-    order = np.argsort(groups, kind="stable")  # [n]
+def rank_within_groups(groups: np.ndarray, priority: np.ndarray | None = None) -> np.ndarray:
+    """`[n]` position of each row among the rows of its group: by descending `priority` `[n]`
+    (e.g. training popularity), ties and `None` in row order."""
+    order = (np.argsort(groups, kind="stable") if priority is None
+             else np.lexsort((-np.asarray(priority, np.float64), groups)))  # [n]
     sorted_groups = groups[order]
     starts = np.flatnonzero(np.append(True, sorted_groups[1:] != sorted_groups[:-1]))  # [n_groups]
     run_start = np.repeat(starts, np.diff(np.append(starts, groups.size)))  # [n] start of each row's run
@@ -55,10 +58,12 @@ def rank_within_groups(groups: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def add_disambiguation_level(codes: np.ndarray) -> tuple[np.ndarray, int]:
-    """`(codes [n, levels + 1], size of the new level)`: the new code is the rank within the SID group."""
+def add_disambiguation_level(codes: np.ndarray, priority: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """`(codes [n, levels + 1], size of the new level)`: the new code is the rank within the SID
+    group, most popular first when `priority` `[n]` is given (so the code carries signal: 0 is
+    the group's most frequent item)."""
     groups, sizes = group_rows(codes)
-    extra = rank_within_groups(groups).astype(codes.dtype)  # [n]
+    extra = rank_within_groups(groups, priority).astype(codes.dtype)  # [n]
     return np.concatenate([codes, extra[:, None]], axis=1), int(sizes.max())
 
 
@@ -102,8 +107,9 @@ class Resolved(NamedTuple):
 
 
 def resolve_collisions(codes: np.ndarray, codebook_sizes: tuple[int, ...], method: CollisionMethod,
-                       last_distances: np.ndarray | None = None) -> Resolved:
-    """Distinct SIDs for one type's items `codes` `[n, levels]`; `last_distances` is needed by `balanced`."""
+                       last_distances: np.ndarray | None = None, priority: np.ndarray | None = None) -> Resolved:
+    """Distinct SIDs for one type's items `codes` `[n, levels]`; `last_distances` is needed by
+    `balanced`; `priority` `[n]` orders the extra level's codes (highest first)."""
     codes = np.asarray(codes, np.int32)
     before = collision_stats(codes)
     resolved, sizes = codes, tuple(codebook_sizes)
@@ -112,6 +118,6 @@ def resolve_collisions(codes: np.ndarray, codebook_sizes: tuple[int, ...], metho
             raise ValueError("balanced collision handling needs the last level's distances")
         resolved = balance_last_level(resolved, np.asarray(last_distances))
     if collision_stats(resolved).max_items_per_leaf > 1:
-        resolved, extra_size = add_disambiguation_level(resolved)
+        resolved, extra_size = add_disambiguation_level(resolved, priority)
         sizes = (*sizes, extra_size)
     return Resolved(resolved, sizes, before, collision_stats(resolved))

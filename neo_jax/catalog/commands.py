@@ -17,6 +17,8 @@ import json
 import sys
 import time
 
+import numpy as np
+
 from neo_jax.atomic import atomic_output_dir
 from neo_jax.catalog.embeddings import EmbeddingConfig, item_embeddings
 from neo_jax.catalog.sid_output import SidOutput, write_sid_output
@@ -25,6 +27,7 @@ from neo_jax.catalog.table import build_trie
 from neo_jax.config import load_config, to_dict
 from neo_jax.data.loaders import load_dataset
 from neo_jax.data.schema import Dataset
+from neo_jax.data.splits import leave_one_out
 from neo_jax.data.synthetic import SynthConfig, generate
 
 SYNTHETIC = "synthetic"
@@ -62,6 +65,14 @@ def _load_data(config: SidsBuildConfig) -> Dataset:
     return load_dataset(config.data)
 
 
+def training_popularity(dataset: Dataset) -> np.ndarray:
+    """`[n_items]` events per item in the training parts of the leave-one-out split (no validation
+    or test target counts)."""
+    train = leave_one_out(dataset.interactions.sequences()).train_sequences
+    events = np.concatenate([np.asarray(s, np.int64) for s in train]) if train else np.zeros(0, np.int64)
+    return np.bincount(events, minlength=len(dataset.catalog))
+
+
 def build_sids(config: SidsBuildConfig) -> dict:
     """Run the whole build for `config`; returns the printed summary."""
     start = time.perf_counter()
@@ -70,7 +81,8 @@ def build_sids(config: SidsBuildConfig) -> dict:
         catalog = dataset.catalog
         _log(f"sids: {len(catalog)} items of types {list(catalog.type_names)} from {config.data}")
         embeddings, source = item_embeddings(dataset, config.embedding, config.seed, _log)
-        assignment = assign_sids(embeddings, catalog.item_types, catalog.type_names, config.sids, config.seed, _log)
+        assignment = assign_sids(embeddings, catalog.item_types, catalog.type_names, config.sids, config.seed, _log,
+                                 popularity=training_popularity(dataset))
         trie = build_trie(assignment.codes, assignment.item_types, assignment.levels_per_type)
         summary = {
             **assignment.summary(),

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 import jax
 import numpy as np
 
-from neo_jax.catalog.collisions import CollisionMethod, CollisionStats, resolve_collisions
+from neo_jax.catalog.collisions import CollisionMethod, CollisionStats, group_rows, resolve_collisions
 from neo_jax.catalog.kmeans import pairwise_sq_distances
 from neo_jax.catalog.residual import fit_residual_kmeans, residual_encode
 from neo_jax.catalog.rqvae import RqVaeConfig, fit_rqvae
@@ -38,6 +38,7 @@ class SidConfig:
     type_codebook_sizes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     quantiser: QuantiserConfig = QuantiserConfig()
     collisions: CollisionMethod = "extra_level"
+    disambiguation_order: Literal["catalog", "popularity"] = "popularity"  # of the extra level's codes
 
     def sizes_for(self, type_name: str) -> tuple[int, ...]:
         return tuple(self.type_codebook_sizes.get(type_name, self.codebook_sizes))
@@ -54,6 +55,8 @@ class TypeSids:
     disambiguation_level: bool  # whether collisions needed the extra level
     before: CollisionStats  # of the quantised codes, before collision handling
     after: CollisionStats
+    prefix_coherence: list[float]  # per prefix length 1 .. levels - 1 (see `prefix_coherence`)
+    random_pair_cosine: float  # the same figure for random pairs of the type's items, for scale
     seconds: float
 
     def codebook_use(self) -> list[float]:
@@ -71,6 +74,8 @@ class TypeSids:
             "mean_items_per_leaf_before": self.before.mean_items_per_leaf,
             "max_items_per_leaf_before": self.before.max_items_per_leaf,
             "codebook_use": self.codebook_use(),
+            "prefix_coherence": [round(c, 4) for c in self.prefix_coherence],
+            "random_pair_cosine": round(self.random_pair_cosine, 4),
             "seconds": round(self.seconds, 3),
         }
 
@@ -107,6 +112,7 @@ class SidAssignment:
             "mean_items_per_leaf_before": n_items / sum(n / b.mean_items_per_leaf for b, n in zip(before, sizes)),
             "max_items_per_leaf_before": max(b.max_items_per_leaf for b in before),
             "codebook_use": {t.name: t.codebook_use() for t in self.per_type},
+            "prefix_coherence": {t.name: t.summary()["prefix_coherence"] for t in self.per_type},
             "per_type": {t.name: t.summary() for t in self.per_type},
         }
 
@@ -147,12 +153,38 @@ def quantise(vectors: np.ndarray, codebook_sizes: tuple[int, ...], key: jax.Arra
     return np.asarray(encoded.codes, np.int32), None if distances is None else np.asarray(distances)
 
 
+def mean_pair_cosine(unit: np.ndarray, groups: np.ndarray) -> float:
+    """Mean cosine similarity of two distinct items of one group, over items in groups of two or
+    more (each group weighted by its size); `unit` `[n, dim]` L2-normalised, `groups` `[n]`."""
+    n_groups = int(groups.max()) + 1
+    sizes = np.bincount(groups, minlength=n_groups).astype(np.float64)  # [n_groups]
+    sums = np.zeros((n_groups, unit.shape[1]))  # [n_groups, dim]
+    np.add.at(sums, groups, unit)
+    shared = sizes > 1
+    pair_means = (np.sum(sums[shared] ** 2, axis=1) - sizes[shared]) / (sizes[shared] * (sizes[shared] - 1))
+    return float(np.average(pair_means, weights=sizes[shared])) if shared.any() else float("nan")
+
+
+def prefix_coherence(embeddings: np.ndarray, codes: np.ndarray) -> list[float]:
+    """NEO's criterion: for each prefix length 1 .. levels - 1, the mean cosine similarity of two
+    items sharing that prefix of their SIDs (higher: a prefix groups items that mean alike)."""
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    unit = embeddings / np.maximum(norms, 1e-12)  # [n, dim]
+    return [mean_pair_cosine(unit, group_rows(codes[:, :length])[0]) for length in range(1, codes.shape[1])]
+
+
 def assign_sids(embeddings: np.ndarray, item_types: np.ndarray, type_names: tuple[str, ...], config: SidConfig,
-                seed: int, log: Callable[[str], None] = lambda message: None) -> SidAssignment:
-    """Distinct SIDs for every item, per entity type. Same inputs and seed, same SIDs."""
+                seed: int, log: Callable[[str], None] = lambda message: None,
+                popularity: np.ndarray | None = None) -> SidAssignment:
+    """Distinct SIDs for every item, per entity type. Same inputs and seed, same SIDs.
+
+    `popularity` `[n_items]` (training events per item) orders the disambiguation level when
+    `config.disambiguation_order` is `popularity`."""
     embeddings = np.asarray(embeddings, np.float32)  # [n_items, dim]
     item_types = np.asarray(item_types, np.int32)  # [n_items]
     check_sid_inputs(embeddings, item_types, type_names, config)
+    if config.disambiguation_order == "popularity" and popularity is None:
+        raise UserError("sids.disambiguation_order is 'popularity' but no training popularity was given")
     per_type = []
     for type_index, name in enumerate(type_names):
         start = time.perf_counter()
@@ -163,9 +195,14 @@ def assign_sids(embeddings: np.ndarray, item_types: np.ndarray, type_names: tupl
         key = jax.random.fold_in(jax.random.key(seed), type_index)
         codes, last_distances = quantise(embeddings[rows], sizes, key, config.quantiser,
                                          keep_last_distances=config.collisions == "balanced")
-        resolved = resolve_collisions(codes, sizes, config.collisions, last_distances)
+        priority = popularity[rows] if config.disambiguation_order == "popularity" else None
+        resolved = resolve_collisions(codes, sizes, config.collisions, last_distances, priority)
+        vectors = embeddings[rows]  # [n_t, dim]
         per_type.append(TypeSids(name, rows, resolved.codes, resolved.codebook_sizes,
                                  len(resolved.codebook_sizes) > len(sizes), resolved.before, resolved.after,
+                                 prefix_coherence(vectors, resolved.codes),
+                                 mean_pair_cosine(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True),
+                                                                       1e-12), np.zeros(rows.size, np.int64)),
                                  time.perf_counter() - start))
         log(f"sids: {name}: {rows.size} items, {len(resolved.codebook_sizes)} levels "
             f"{list(resolved.codebook_sizes)}, collision rate {resolved.before.collision_rate:.4f} -> "

@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tasks.add_argument("--tasks", default=",".join(TASKS),
                        help="comma-separated tasks to write (default: all)")
     tasks.add_argument("--max-history", type=int, default=20, help="most recent items shown in a prompt")
+    tasks.add_argument("--window", type=int, default=0,
+                       help="next-item examples as windows of this many history items, the loss on every "
+                            "item (0, the default: one prompt per prefix)")
     tasks.add_argument("--max-search-targets", type=int, default=5, help="examples per search query")
     tasks.add_argument("--explain-fraction", type=float, default=0.2,
                        help="share of training sequences also written as explanations")
@@ -77,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     records.add_argument("out_dir", help="output directory for the shards")
     records.add_argument("--shards", type=int, default=4, help="shards per split (at least the number of hosts)")
     records.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to tokenize")
+    records.add_argument("--max-length", type=int, default=0,
+                         help="fit every example to this many tokens, prompt and completion together: drop the "
+                              "oldest history items from the prompt, then cut its start, never the completion "
+                              "or the header; pass the training seq_len + 1 (default 0: no limit, and the "
+                              "training pipeline cuts the head of longer examples, completion included)")
     records.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     records.set_defaults(data_run=_records)
 
@@ -127,7 +135,7 @@ def _tasks(args: argparse.Namespace) -> dict:
     and the held-out search queries as queries_test.jsonl."""
     config = TaskConfig(tasks=tuple(t for t in args.tasks.split(",") if t), max_history=args.max_history,
                         max_search_targets=args.max_search_targets, explain_fraction=args.explain_fraction,
-                        seed=args.seed)
+                        window=args.window, seed=args.seed)
     dataset = load_dataset(args.data_dir)
     sid_map = load_sid_map(args.sids, dataset.catalog)
     split = leave_one_out(dataset.interactions.sequences())
@@ -162,7 +170,10 @@ def _with_progress(items: list, label: str) -> Iterator:
 
 def _records(args: argparse.Namespace) -> dict:
     """Tokenize train/valid/test.jsonl with a mixed tokenizer (bos before each prompt, eos after each
-    completion) and write each split as ArrayRecord shards for `neo_jax.data.pipeline`."""
+    completion) and write each split as ArrayRecord shards for `neo_jax.data.pipeline`. With
+    --max-length (the training seq_len + 1) an example longer than that loses its oldest history
+    items, then the start of its prompt after the header, never its completion; each split's summary
+    counts history_items_dropped, examples_shortened and prompts_cut."""
     tokenizer = MixedTokenizer.load(args.tokenizer)
     splits: Iterable[str] = [s for s in args.splits.split(",") if s]
     examples = {split: read_examples(Path(args.examples_dir) / f"{split}.jsonl") for split in splits}
@@ -170,7 +181,8 @@ def _records(args: argparse.Namespace) -> dict:
     with atomic_output_dir(args.out_dir, overwrite=args.overwrite) as tmp:
         for split, split_examples in examples.items():
             summaries[split] = write_records(_with_progress(split_examples, split), tmp, split, tokenizer,
-                                             args.shards, tokenizer.bos_id, tokenizer.eos_id).to_dict()
+                                             args.shards, tokenizer.bos_id, tokenizer.eos_id,
+                                             args.max_length).to_dict()
         summary = {"out_dir": str(args.out_dir), "tokenizer": str(args.tokenizer), "splits": summaries}
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -11,6 +11,15 @@ output formats:
 - `sid_to_text`: SID -> the item's text; `text_to_sid`: text -> SID; `sid_to_type`: SID -> type name;
 - `user_profile`: history -> a profile sentence from the phrases the history shares;
 - `explain`: history -> a recommended item and the reason, a phrase it shares with a history item.
+
+With `TaskConfig.window` > 0, next-item examples are windows of a history instead of one prompt
+per prefix: the prompt is the header alone and the completion is the window's items as SIDs back
+to back, so the loss (which covers the completion) covers every item's SID span and nothing of
+the header, and one causal pass supervises every item of the window (as SASRec's every-position
+cross-entropy; a history of n items costs O(n) tokens, not O(n^2)). A history longer than the
+window is cut into windows from its newest end backwards (`window_spans`), so every training
+item is a target once an epoch. Evaluation examples then use the same layout: the header, the
+newest `window - 1` history items, and the target's SID as the completion.
 """
 
 from __future__ import annotations
@@ -193,6 +202,7 @@ class TaskConfig:
     max_history: int = 20  # most recent items shown in a prompt
     max_search_targets: int = 5  # examples per query (one per relevant item)
     explain_fraction: float = 0.2  # share of training sequence examples also written as explanations
+    window: int = 0  # > 0: next-item examples are windows of this many items (0: one prompt per prefix)
     seed: int = 0
 
     def __post_init__(self):
@@ -201,6 +211,8 @@ class TaskConfig:
             raise UserError(f"unknown task(s) {unknown}; tasks are {list(TASKS)}")
         if self.max_history < 1 or self.max_search_targets < 1 or not 0.0 <= self.explain_fraction <= 1.0:
             raise UserError("max_history and max_search_targets must be positive, explain_fraction in [0, 1]")
+        if self.window == 1 or self.window < 0:
+            raise UserError(f"window must be 0 (one prompt per prefix) or at least 2 items, got {self.window}")
 
 
 class TaskBuilder:
@@ -264,6 +276,22 @@ class TaskBuilder:
         return self._make("recommend", self.catalog.type_name(target), self.history_fields(history),
                           lambda fmt: self._answer(target, fmt), output_format, template)
 
+    def window(self, rows: np.ndarray) -> TaskExample:
+        """A window example: the header alone, then every item of `rows` as SIDs; the header names
+        the items' type when they share one, else `any`."""
+        types = {self.catalog.type_name(int(r)) for r in rows.tolist()}
+        header = PromptHeader("recommend", types.pop() if len(types) == 1 else ANY_TYPE, "ids")
+        return TaskExample("recommend", header.entity_type, "ids", header.render(),
+                           "".join(self._sids[int(r)] for r in rows.tolist()))
+
+    def window_eval(self, history: np.ndarray, target: int) -> TaskExample:
+        """An evaluation example in the window layout: the header naming the asked type (the
+        target's), the newest `window - 1` history items, the target's SID as the completion."""
+        header = PromptHeader("recommend", self.catalog.type_name(target), "ids")
+        recent = history[-(self.config.window - 1):].tolist()
+        return TaskExample("recommend", header.entity_type, "ids",
+                           header.render() + "".join(self._sids[r] for r in recent), self.sid(target))
+
     def search(self, query: str, target: int) -> TaskExample:
         return self._make("search", self.catalog.type_name(target), {"query": query},
                           lambda fmt: self._answer(target, fmt))
@@ -309,17 +337,30 @@ class TaskBuilder:
         return [p for p, c in sorted(counts.items(), key=lambda pc: (-pc[1], pc[0])) if c >= min_count][:limit]
 
 
+def window_spans(length: int, window: int) -> list[tuple[int, int]]:
+    """`[(start, end)]` half-open spans covering `range(length)`, each at most `window` long, cut
+    from the newest end backwards (the oldest may be shorter), oldest first."""
+    if window < 1:
+        raise UserError(f"window must be at least 1 item, got {window}")
+    return [(max(0, end - window), end) for end in range(length, 0, -window)][::-1]
+
+
 def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: SidMap, config: TaskConfig,
                          queries: Queries | None = None) -> list[TaskExample]:
     """Training examples of every task in `config.tasks`, in a seeded random order.
 
-    Sequence tasks use only `split.train` and `split.train_sequences`; item tasks cover the whole
-    catalog; search uses `queries` (the training share of the dataset's queries).
+    Sequence tasks use only `split.train` and `split.train_sequences`; `user_profile` uses only
+    the negative feedback given before each user's first held-out item (`negatives_before`);
+    item tasks cover the whole catalog; search uses `queries` (the training share of the
+    dataset's queries).
     """
     rng = np.random.default_rng(config.seed)
     builder = TaskBuilder(dataset.catalog, sid_map, config, rng)
     tasks, examples = set(config.tasks), []
-    if "recommend" in tasks:
+    if "recommend" in tasks and config.window:
+        examples += [builder.window(seq[start:end]) for seq in split.train_sequences
+                     for start, end in window_spans(len(seq), config.window)]
+    elif "recommend" in tasks:
         examples += [builder.recommend(e.history, e.target) for e in split.train]
     if "explain" in tasks:
         chosen = rng.random(len(split.train)) < config.explain_fraction
@@ -333,7 +374,9 @@ def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: Sid
         if task in tasks:
             examples += [getattr(builder, task)(row) for row in range(len(dataset.catalog))]
     if "user_profile" in tasks:
-        negatives = dataset.interactions.negatives()
+        # Only negative feedback from before the user's first held-out (validation) item: later
+        # feedback would tell training about the time the evaluation asks to predict.
+        negatives = dataset.interactions.negatives_before([len(seq) for seq in split.train_sequences])
         examples += [builder.user_profile(seq, negatives[user])
                      for user, seq in enumerate(split.train_sequences) if len(seq) >= 2]
     return [examples[i] for i in rng.permutation(len(examples))]
@@ -341,9 +384,16 @@ def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: Sid
 
 def build_eval_examples(dataset: Dataset, examples: list[SequenceExample], sid_map: SidMap,
                         config: TaskConfig) -> list[TaskExample]:
-    """Next-item examples for validation or test: the first template, format `ids`; each keeps the
-    user's whole history, so an evaluation can leave it out of the ranking."""
+    """Next-item examples for validation or test: the window layout with `config.window`, else the
+    first template; format `ids`. Each keeps the user's whole history, so an evaluation can leave
+    it out of the ranking."""
     builder = TaskBuilder(dataset.catalog, sid_map, config, np.random.default_rng(config.seed))
     item_ids = dataset.catalog.item_ids
-    return [dataclasses.replace(builder.recommend(e.history, e.target, output_format="ids", template=0),
-                                history=tuple(item_ids[row] for row in e.history.tolist())) for e in examples]
+
+    def example(e: SequenceExample) -> TaskExample:
+        if config.window:
+            return builder.window_eval(e.history, e.target)
+        return builder.recommend(e.history, e.target, output_format="ids", template=0)
+
+    return [dataclasses.replace(example(e), history=tuple(item_ids[row] for row in e.history.tolist()))
+            for e in examples]

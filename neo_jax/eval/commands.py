@@ -16,7 +16,7 @@ from pathlib import Path
 from neo_jax.data.tasks import read_examples
 from neo_jax.decode.commands import load_generator
 from neo_jax.errors import UserError
-from neo_jax.eval.recommend import evaluate_recommendations
+from neo_jax.eval.recommend import evaluate_recommendations, parse_ks, sample_examples
 from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
 
 
@@ -30,9 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="valid.jsonl or test.jsonl written by `neo-jax data tasks`")
     recommend.add_argument("--tokenizer", type=Path, default=None,
                            help="tokenizer directory (default: the one saved in the checkpoint)")
-    recommend.add_argument("--beams", type=int, default=10, help="beams = length of each ranked list (default 10)")
-    recommend.add_argument("--batch", type=int, default=16, help="prompts decoded together (default 16)")
-    recommend.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    recommend.add_argument("--beams", type=int, default=20,
+                           help="beams = length of each ranked list, at least the largest K (default 20)")
+    recommend.add_argument("--ks", default="1,5,10,20", help="cut-offs K of Recall/NDCG@K (default 1,5,10,20; "
+                                                             "those above --beams are left out)")
+    recommend.add_argument("--batch", type=int, default=64, help="prompts decoded together (default 64)")
+    recommend.add_argument("--limit", type=int, default=None,
+                           help="evaluate a seeded random sample of N examples (default: all)")
+    recommend.add_argument("--seed", type=int, default=0, help="seed of the --limit sample (default 0)")
     recommend.add_argument("--exclude-history", action="store_true",
                            help="never rank an item the user already has (the examples' `history`), as "
                                 "S3-Rec's full-ranking evaluation of SASRec does")
@@ -42,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.beams < 1 or args.batch < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--beams, --batch and --limit must be positive")
-    examples = read_examples(args.examples)[: args.limit]
+    ks = parse_ks(args.ks)
+    examples = sample_examples(read_examples(args.examples), args.limit or 0, args.seed)
     generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer)
-    metrics = evaluate_recommendations(generator, examples, beams=args.beams, batch_size=args.batch,
+    metrics = evaluate_recommendations(generator, examples, beams=args.beams, batch_size=args.batch, ks=ks,
                                        exclude_history=args.exclude_history)
     print(json.dumps({"examples": str(args.examples), "ckpt": str(args.ckpt), "beams": args.beams,
                       "exclude_history": args.exclude_history, **metrics}))

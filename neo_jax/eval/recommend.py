@@ -10,7 +10,7 @@ items. The constraint guarantees each is a real catalog item of the asked type.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 from jax.sharding import Mesh
@@ -24,6 +24,8 @@ from neo_jax.model.decoder import Decoder
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import Progress
 from neo_jax.vocab import SID_CODE_PATTERN
+
+T = TypeVar("T")
 
 
 def target_rows(examples: Sequence[TaskExample], generator: Generator) -> np.ndarray:
@@ -39,6 +41,32 @@ def target_rows(examples: Sequence[TaskExample], generator: Generator) -> np.nda
             raise UserError(f"evaluation example {index}: {example.completion!r} names no item of this catalog")
         rows.append(row)
     return np.asarray(rows, np.int64)
+
+
+def sample_indices(count: int, limit: int, seed: int) -> np.ndarray:
+    """`[chosen]` sorted indices: all of `count` (`limit` 0 or at least `count`), else a seeded
+    random sample of `limit`: never the first N, which would pick users by file order."""
+    if limit < 0:
+        raise UserError(f"the number of evaluated examples must be positive (or 0 for all), got {limit}")
+    if limit == 0 or limit >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+
+
+def sample_examples(examples: Sequence[T], limit: int, seed: int) -> list[T]:
+    """`examples` at `sample_indices(len(examples), limit, seed)`, in their original order."""
+    return [examples[i] for i in sample_indices(len(examples), limit, seed).tolist()]
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """`"1,5,10"` -> (1, 5, 10), refusing anything but positive integers."""
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise UserError(f"K values must be comma-separated positive integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise UserError(f"K values must be comma-separated positive integers, got {text!r}")
+    return ks
 
 
 def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExample], beams: int = 10,
@@ -64,16 +92,19 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
     ranked = np.full((len(examples), beams), -1, np.int64)  # [examples, beams] catalog rows, best first
     named = 0
     progress = Progress(total_steps=len(examples), stream=sys.stderr) if show_progress else None
+    # Batches of similar prompt lengths pad less; results go back to the examples' own order.
+    order = np.argsort([len(e.prompt) for e in examples], kind="stable")  # [examples]
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
+        indices = order[start:start + batch_size].tolist()
+        batch = [examples[i] for i in indices]
         # The last batch repeats its final prompt up to `batch_size`, so every batch has one shape.
-        padded = list(batch) + [batch[-1]] * (batch_size - len(batch))
+        padded = batch + [batch[-1]] * (batch_size - len(batch))
         excluded = [e.history for e in padded] if exclude_history else None
         decoded = generator.generate([e.prompt for e in padded], settings, excluded_ids=excluded)
-        for offset, continuations in enumerate(decoded[:len(batch)]):
+        for index, continuations in zip(indices, decoded):
             rows = [generator.row_of_id[item.item_id] for c in continuations for item in c.items if item is not None]
             named += sum(1 for c in continuations if any(item is not None for item in c.items))
-            ranked[start + offset, :len(rows[:beams])] = rows[:beams]
+            ranked[index, :len(rows[:beams])] = rows[:beams]
         if progress is not None:
             progress.update(min(start + batch_size, len(examples)), {})
     metrics = ranking_metrics(ranked, targets, ks)

@@ -152,6 +152,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str | P
 
     Settings keep `decode(encode(text)) == text`: identity normalisation, whitespace kept as is, byte
     fallback for unseen characters; digits are split one by one. Ids: unk 0, bos 1, eos 2.
+    `vocab_size` is an upper bound: text with fewer distinct pieces (e.g. prompt headers alone)
+    gets a smaller vocabulary instead of an error.
     """
     model = io.BytesIO()
     try:
@@ -159,7 +161,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str | P
             sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
             normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
             split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            minloglevel=2,
+            hard_vocab_limit=False, minloglevel=2,
         )
     except RuntimeError as e:
         raise UserError(f"training a sentencepiece model of {vocab_size} tokens for {out_path} failed: {e}") from None

@@ -1,0 +1,209 @@
+"""`neo-jax bench rec`: the generative recommender and its baselines on one dataset, end to end.
+
+    neo-jax bench rec --dataset beauty [--config configs/bench_rec_cpu.yaml] [KEY=VALUE ...]
+    neo-jax bench rec --data DIR [--config FILE] [KEY=VALUE ...]
+
+Phases, each timed: item embeddings and SIDs (`sids build`), window task examples (`data tasks
+--window`), the tokenizer and records, training the decoder from random weights on the window
+examples, constrained beam search over the test users under both protocols (history items kept
+in the ranking, and excluded from it through the constraint), then the baselines on the same
+users and split: a first-order transition model, popularity and SASRec. Prints one JSON object
+(also written to OUT/result.json): test Recall/NDCG@K of each, the valid-item rate of the
+model's beams and the wall seconds of every phase.
+
+Protocol: leave-one-out (the last item of each user is the test target, the one before it the
+validation target, the rest trains; users with fewer than 3 items only train), full ranking
+over the catalog, K in `ks`, `beams` >= max K beams (each beam is one distinct catalog item),
+every test user unless `eval_users` asks for a seeded random sample. Rerunning with the same
+OUT skips finished phases and resumes training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from neo_jax.baselines.train import SasRecTrainConfig
+from neo_jax.catalog.commands import SidsBuildConfig, build_sids
+from neo_jax.catalog.embeddings import EmbeddingConfig
+from neo_jax.catalog.sids import QuantiserConfig, SidConfig
+from neo_jax.config import MeshConfig, load_config, to_dict
+from neo_jax.data.loaders import load_dataset
+from neo_jax.data.splits import leave_one_out
+from neo_jax.data.tasks import read_examples
+from neo_jax.errors import UserError
+from neo_jax.eval.recommend import sample_indices
+from neo_jax.run_steps import DEFAULT_MODEL, StageSettings, cli_step, say, train_stage
+
+DATASETS = ("beauty", "sports")
+BASELINES = ("transition", "popularity", "sasrec")
+PREFIX = "bench rec"
+
+@dataclasses.dataclass(frozen=True)
+class RecBenchConfig:
+    out: str = ""  # default runs/bench_rec/<dataset directory name>
+    seed: int = 0
+    embedding: EmbeddingConfig = EmbeddingConfig(source="fused", text_encoder="minilm")
+    sids: SidConfig = SidConfig(codebook_sizes=(256, 256, 256), quantiser=QuantiserConfig(method="residual_kmeans"))
+    window: int = 20  # history items per training window (and the prompt holds window - 1)
+    text_vocab_size: int = 512  # at most this many sentencepiece pieces (the header text needs ~350)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields replacing DEFAULT_MODEL's
+    mesh: MeshConfig = MeshConfig()
+    steps: int = 3000
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    batch_size: int = 16
+    seq_len: int = 256
+    beams: int = 20
+    ks: tuple[int, ...] = (1, 5, 10, 20)
+    eval_batch_size: int = 64
+    eval_users: int = 0  # 0: every test user; N: a seeded random sample of N
+    baselines: tuple[str, ...] = BASELINES
+    sasrec: SasRecTrainConfig = SasRecTrainConfig()
+
+
+def shared_data_dir(name: str) -> Path:
+    """`shared/data/amazon2014/NAME` beside the checkout (or under $NEO_JAX_SHARED)."""
+    candidates = [Path(os.environ["NEO_JAX_SHARED"])] if "NEO_JAX_SHARED" in os.environ else []
+    candidates += [Path(__file__).resolve().parents[2].parent / "shared", Path.cwd().parent / "shared"]
+    for root in candidates:
+        if (root / "data" / "amazon2014" / name).is_dir():
+            return root / "data" / "amazon2014" / name
+    raise UserError(f"dataset {name!r}: no data/amazon2014/{name} under {[str(c) for c in candidates]}; "
+                    f"set NEO_JAX_SHARED to the shared/ directory or pass --data DIR")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", choices=DATASETS, help="an Amazon 2014 dataset from shared/data/amazon2014")
+    where.add_argument("--data", type=Path, help="any dataset directory `neo-jax data check` reads")
+    parser.add_argument("--config", default=None, help="YAML settings (e.g. configs/bench_rec_cpu.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings, e.g. steps=500 eval_users=2000")
+
+
+class PhaseClock:
+    """Wall seconds of each named phase, in order."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        say(PREFIX, f"{name}: {self.seconds[name]} s")
+        return result
+
+
+def _model_metrics(config: RecBenchConfig, root: Path, checkpoint: Path, chosen: np.ndarray,
+                   clock: PhaseClock) -> dict[str, dict]:
+    from neo_jax.decode.commands import load_generator
+    from neo_jax.eval.recommend import evaluate_recommendations
+    from neo_jax.sharding import make_mesh
+
+    examples = read_examples(root / "tasks" / "test.jsonl")
+    examples = [examples[i] for i in chosen.tolist()]
+    generator = load_generator(checkpoint, root / "sids", make_mesh(config.mesh), root / "tokenizer")
+    return {protocol: clock.run(f"eval model ({protocol})", evaluate_recommendations, generator, examples,
+                                beams=config.beams, batch_size=config.eval_batch_size, ks=config.ks,
+                                exclude_history=exclude)
+            for protocol, exclude in (("history_kept", False), ("history_excluded", True))}
+
+
+def _baseline_metrics(config: RecBenchConfig, data_dir: Path, root: Path, chosen: np.ndarray,
+                      clock: PhaseClock) -> dict[str, dict[str, dict]]:
+    from neo_jax.baselines.popularity import popularity_ranking_metrics
+    from neo_jax.baselines.train import train_sasrec
+    from neo_jax.baselines.transition import transition_ranking_metrics
+
+    dataset = load_dataset(data_dir)
+    split = leave_one_out(dataset.interactions.sequences())
+    split = dataclasses.replace(split, test=[split.test[i] for i in chosen.tolist()])
+    n_items = len(dataset.catalog)
+    out: dict[str, dict[str, dict]] = {}
+    for name in config.baselines:
+        if name == "sasrec":
+            result = clock.run("baseline sasrec", train_sasrec, split, n_items, config.sasrec,
+                               lambda message: say(PREFIX, f"sasrec: {message}"), ks=config.ks)
+            (root / "sasrec_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+            out[name] = result["test_protocols"]
+            continue
+        metric = {"transition": transition_ranking_metrics, "popularity": popularity_ranking_metrics}[name]
+        out[name] = {protocol: clock.run(f"baseline {name} ({protocol})", metric, split, dataset.catalog,
+                                         config.ks, exclude)
+                     for protocol, exclude in (("history_kept", False), ("history_excluded", True))}
+    return out
+
+
+def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
+    unknown = [b for b in config.baselines if b not in BASELINES]
+    if unknown:
+        raise UserError(f"unknown baseline(s) {unknown}; baselines are {list(BASELINES)}")
+    if config.beams < max(config.ks):
+        raise UserError(f"beams ({config.beams}) must be at least the largest K ({max(config.ks)})")
+    root = Path(config.out or f"runs/bench_rec/{data_dir.name}")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "bench_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    clock = PhaseClock()
+    if not (root / "sids").exists():
+        say(PREFIX, f"sids: neo-jax sids build --config {root / 'bench_config.yaml'} (its embedding and sids)")
+        summary = clock.run("sids", build_sids, SidsBuildConfig(
+            data=str(data_dir), output=str(root / "sids"), seed=config.seed, embedding=config.embedding,
+            sids=config.sids))
+        (root / "sids_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    sids_summary = json.loads((root / "sids_summary.json").read_text(encoding="utf-8"))
+    clock.run("tasks", cli_step, PREFIX, "tasks", root / "tasks",
+              ["data", "tasks", str(data_dir), str(root / "sids" / "sids.tsv"), str(root / "tasks"),
+               "--tasks", "recommend", "--window", str(config.window), "--seed", str(config.seed)])
+    clock.run("tokenizer", cli_step, PREFIX, "tokenizer", root / "tokenizer",
+              ["tokenizer", "build", str(root / "tokenizer"), "--sids", str(root / "sids"), "--train",
+               str(root / "tasks"), "--vocab-size", str(config.text_vocab_size)])
+    clock.run("records", cli_step, PREFIX, "records", root / "records",
+              ["data", "records", str(root / "tasks"), str(root / "tokenizer"), str(root / "records"),
+               "--shards", "1", "--splits", "train,valid", "--max-length", str(config.seq_len + 1)])
+    model_path = root / "model.yaml"
+    model_path.write_text(yaml.safe_dump({**DEFAULT_MODEL, **config.model, "vocab_size": config.text_vocab_size}),
+                          encoding="utf-8")
+    stage = StageSettings(stage="instruct", steps=config.steps, learning_rate=config.learning_rate,
+                          batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, mesh=config.mesh,
+                          warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, log_every=50)
+    checkpoint = clock.run("train", train_stage, PREFIX, root / "train", stage, {"model_config": str(model_path)},
+                           root / "records", root / "tokenizer")
+    n_test = sum(1 for _ in (root / "tasks" / "test.jsonl").open(encoding="utf-8"))
+    chosen = sample_indices(n_test, config.eval_users, config.seed)
+    model = _model_metrics(config, root, checkpoint, chosen, clock)
+    baselines = _baseline_metrics(config, data_dir, root, chosen, clock)
+    result = {
+        "dataset": str(data_dir), "out": str(root), "test_users": int(chosen.size), "beams": config.beams,
+        "protocols": {protocol: {"model": {k: v for k, v in model[protocol].items()
+                                           if k.startswith(("recall", "ndcg"))},
+                                 **{name: metrics[protocol] for name, metrics in baselines.items()}}
+                      for protocol in ("history_kept", "history_excluded")},
+        "valid_item_rate": {protocol: model[protocol]["beams_naming_an_item"] for protocol in model},
+        "sids": {k: sids_summary.get(k) for k in ("collision_rate_before", "collision_rate_after", "codebook_use",
+                                                 "prefix_coherence")},
+        "phase_seconds": clock.seconds,
+        "checkpoint": str(checkpoint),
+    }
+    (root / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    data_dir = shared_data_dir(args.dataset) if args.dataset else args.data
+    if not data_dir.is_dir():
+        raise UserError(f"--data: {data_dir} is not a directory")
+    result = run_bench(load_config(RecBenchConfig, args.config, args.overrides), data_dir)
+    print(json.dumps(result))
+    return 0

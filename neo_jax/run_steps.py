@@ -1,0 +1,94 @@
+"""The steps that whole-path commands (`neo-jax quickstart`, `neo-jax bench rec`) chain.
+
+Each step writes its own directory; a step whose directory exists is skipped, so running the
+command again resumes: finished steps are kept and an interrupted training stage continues
+from its last checkpoint. Every step is also an ordinary command, and is printed as one, so a
+run can be reproduced by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import yaml
+
+from neo_jax.cli import main as cli_main
+from neo_jax.config import MeshConfig, load_config
+from neo_jax.errors import UserError
+
+
+# The decoder whole-path commands train from random weights: a small Llama-style model (about 1M
+# parameters with the extended vocabulary); `vocab_size` is replaced by the tokenizer's padded one.
+DEFAULT_MODEL = {
+    "architecture": "LlamaForCausalLM", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 384,
+    "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True, "dtype": "float32",
+}
+
+
+def say(prefix: str, message: str) -> None:
+    print(f"[{prefix}] {message}", file=sys.stderr, flush=True)
+
+
+def cli_step(prefix: str, name: str, out_dir: Path, command: list[str]) -> None:
+    """Run `neo-jax COMMAND` unless its output directory exists (a finished step)."""
+    if out_dir.exists():
+        say(prefix, f"{name}: {out_dir} exists, skipped")
+        return
+    say(prefix, f"{name}: neo-jax {' '.join(command)}")
+    if cli_main(command) != 0:
+        raise UserError(f"{prefix} step '{name}' failed (see the message above)")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """One training stage of a whole-path command; written out as a `neo-jax train` config."""
+
+    stage: str  # grounding | instruct
+    steps: int
+    learning_rate: float
+    batch_size: int
+    seq_len: int
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()
+    warmup_steps: int | None = None  # default: a tenth of the steps
+    weight_decay: float | None = None  # default: 0 for grounding, 0.1 otherwise
+    evaluations: int = 4  # validation losses (and checkpoints) over the run
+    eval_batches: int = 4
+    log_every: int = 10
+
+
+def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict, records: Path,
+                tokenizer: Path) -> Path:
+    """Train one stage into `run_dir` (resuming it if it has checkpoints); the final model's directory."""
+    from neo_jax.train.config import TrainConfig
+    from neo_jax.train.trainer import train
+
+    every = max(1, settings.steps // settings.evaluations)
+    weight_decay = settings.weight_decay
+    if weight_decay is None:
+        weight_decay = 0.0 if settings.stage == "grounding" else 0.1
+    config = {
+        "run_dir": str(run_dir), "stage": settings.stage, "init": init, "seed": settings.seed,
+        "data": {"records_dir": str(records), "tokenizer": str(tokenizer)},
+        "mesh": dataclasses.asdict(settings.mesh), "steps": settings.steps, "batch_size": settings.batch_size,
+        "seq_len": settings.seq_len, "log_every": settings.log_every,
+        "optimizer": {"learning_rate": settings.learning_rate,
+                      "warmup_steps": (max(1, settings.steps // 10) if settings.warmup_steps is None
+                                       else settings.warmup_steps),
+                      "weight_decay": weight_decay},
+        "checkpoint": {"every_steps": every, "keep": 2},
+        "eval": {"every_steps": every, "batches": settings.eval_batches},
+    }
+    config_path = run_dir.parent / f"{run_dir.name}.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    say(prefix, f"train {settings.stage}: neo-jax train --config {config_path}")
+    result = train(load_config(TrainConfig, config_path))
+    if result.preempted or result.final_dir is None:
+        raise UserError(f"training stage {settings.stage} stopped at step {result.step}; run the command again "
+                        f"to resume")
+    if result.loss is not None:  # None when the stage had already finished
+        say(prefix, f"train {settings.stage}: loss {result.loss:.4f}, valid_loss {result.valid_loss}")
+    return Path(result.final_dir)
