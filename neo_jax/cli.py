@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("neo_jax.eval.commands", "evaluate a checkpoint: Recall/NDCG@K of next-item recommendation"),
     "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
     "plot": ("neo_jax.plot", "write PNG training curves of a run directory"),
+    "report": ("neo_jax.report", "a Markdown page with PNG plots of a bench rec, quickstart or train run directory"),
     "baseline": ("neo_jax.baselines.commands", "train and evaluate a baseline recommender (`baseline sasrec`)"),
 }
 

@@ -39,7 +39,7 @@ from neo_jax.config import MeshConfig, load_config
 from neo_jax.data.loaders import load_dataset
 from neo_jax.data.splits import leave_one_out
 from neo_jax.data.synthetic import SynthConfig
-from neo_jax.data.tasks import read_examples
+from neo_jax.tasks.builders import read_examples
 from neo_jax.errors import UserError
 from neo_jax.run_steps import DEFAULT_MODEL, StageSettings, cli_step, say, train_stage
 

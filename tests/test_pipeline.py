@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from neo_jax import cli
-from neo_jax.data.pipeline import BATCH_KEYS, PipelineConfig, make_iterator
-from neo_jax.data.records import TokenizedExample, record_paths, tokenize_example, write_records
-from neo_jax.data.tasks import TaskExample
 from neo_jax.errors import UserError
+from neo_jax.tasks.builders import TaskExample
+from neo_jax.tasks.pipeline import BATCH_KEYS, PipelineConfig, make_iterator
+from neo_jax.tasks.records import TokenizedExample, record_paths, tokenize_example, write_records
 
 BOS, EOS = 1, 2
 
@@ -227,7 +227,7 @@ def test_commands_from_synthetic_data_to_batches(tmp_path):
 
 
 def test_window_example_loss_covers_every_item_span_and_no_header(tmp_path):
-    from neo_jax.data.tasks import PromptHeader, TaskBuilder, TaskConfig
+    from neo_jax.tasks.builders import PromptHeader, TaskBuilder, TaskConfig
     from neo_jax.data.schema import Catalog
     from neo_jax.vocab import format_sid
 

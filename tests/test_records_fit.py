@@ -1,5 +1,5 @@
 """Fitting examples to a length limit when writing records: drop the oldest history items, never
-cut the completion or the header (`neo_jax.data.records.fit_example`, `write_records(max_length=...)`)."""
+cut the completion or the header (`neo_jax.tasks.records.fit_example`, `write_records(max_length=...)`)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from neo_jax import cli
-from neo_jax.data.pipeline import PipelineConfig, make_iterator
-from neo_jax.data.records import Fit, TokenizedExample, fit_example, record_paths, tokenize_example, write_records
 from neo_jax.data.schema import Catalog
-from neo_jax.data.tasks import TaskBuilder, TaskConfig, TaskExample, write_examples
 from neo_jax.errors import UserError
+from neo_jax.tasks.builders import TaskBuilder, TaskConfig, TaskExample, write_examples
+from neo_jax.tasks.pipeline import PipelineConfig, make_iterator
+from neo_jax.tasks.records import Fit, TokenizedExample, fit_example, record_paths, tokenize_example, write_records
 
 BOS, EOS = 1, 2
 _SID_PIECES = re.compile(r"\[SID\]|\[/SID\]|<[^<>\s]+_\d+_\d+>")

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from neo_jax.data.schema import Catalog, Queries
 from neo_jax.data.splits import MIN_EVAL_LENGTH, leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
-from neo_jax.data.tasks import (ANY_TYPE, TASK_FORMATS, TASKS, TEMPLATES, PromptHeader, TaskBuilder, TaskConfig,
-                                build_eval_examples, build_train_examples, load_sid_map, parse_header,
-                                read_examples, window_spans, write_examples)
+from neo_jax.tasks.builders import (ANY_TYPE, TASK_FORMATS, TASKS, TEMPLATES, PromptHeader, TaskBuilder,
+                                    TaskConfig, build_eval_examples, build_train_examples, load_sid_map,
+                                    parse_header, read_examples, window_spans, write_examples)
 from neo_jax.errors import UserError
 from neo_jax.vocab import SID_CODE_PATTERN, format_sid
 

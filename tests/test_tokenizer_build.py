@@ -7,7 +7,7 @@ from neo_jax.catalog.commands import SidsBuildConfig, build_sids
 from neo_jax.catalog.sid_output import load_sid_output
 from neo_jax.cli import main
 from neo_jax.data.synthetic import SynthConfig
-from neo_jax.data.tasks import read_examples
+from neo_jax.tasks.builders import read_examples
 from neo_jax.tokenizer import MixedTokenizer
 
 

@@ -10,11 +10,11 @@ import pytest
 from neo_jax.catalog.sid_output import SidOutput, write_sid_output
 from neo_jax.catalog.table import build_trie
 from neo_jax.config import MeshConfig
-from neo_jax.data.records import TokenizedExample, record_paths
-from neo_jax.data.tasks import TaskExample, read_examples, write_examples
 from neo_jax.decode.commands import load_generator
 from neo_jax.eval.recommend import evaluate_recommendations, target_rows
 from neo_jax.sharding import make_mesh
+from neo_jax.tasks.builders import TaskExample, read_examples, write_examples
+from neo_jax.tasks.records import TokenizedExample, record_paths
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import read_metrics
 from neo_jax.train.trainer import train

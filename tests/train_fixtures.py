@@ -10,7 +10,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from neo_jax.config import load_config
-from neo_jax.data.records import WRITER_OPTIONS, TokenizedExample, shard_paths
+from neo_jax.tasks.records import WRITER_OPTIONS, TokenizedExample, shard_paths
 from neo_jax.tokenizer import LAYOUT_FILE
 from neo_jax.train.config import TrainConfig
 from neo_jax.vocab import EntityType, VocabLayout
@@ -66,10 +66,10 @@ def write_catalog_dataset(root: Path, seq_len: int = 128) -> tuple[Path, Path]:
     every task, a sentencepiece text model trained on them, SIDs of two levels of 16 codes per
     type (the type-local row index in base 16), train and valid ArrayRecord shards."""
     from neo_jax.catalog.sid_output import sids_tsv
-    from neo_jax.data.records import write_records
+    from neo_jax.tasks.records import write_records
     from neo_jax.data.splits import leave_one_out, split_queries
     from neo_jax.data.synthetic import SynthConfig, generate
-    from neo_jax.data.tasks import TaskConfig, build_eval_examples, build_train_examples, load_sid_map
+    from neo_jax.tasks.builders import TaskConfig, build_eval_examples, build_train_examples, load_sid_map
     from neo_jax.tokenizer import MixedTokenizer, train_sentencepiece
 
     dataset = generate(SynthConfig(num_items=150, num_users=60, num_queries=20, min_history=4, max_history=8))

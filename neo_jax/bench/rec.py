@@ -38,10 +38,10 @@ from neo_jax.catalog.sids import QuantiserConfig, SidConfig
 from neo_jax.config import MeshConfig, load_config, to_dict
 from neo_jax.data.loaders import load_dataset
 from neo_jax.data.splits import leave_one_out
-from neo_jax.data.tasks import read_examples
 from neo_jax.errors import UserError
 from neo_jax.eval.recommend import sample_indices
 from neo_jax.run_steps import DEFAULT_MODEL, StageSettings, cli_step, say, train_stage
+from neo_jax.tasks.builders import read_examples
 
 DATASETS = ("beauty", "sports")
 BASELINES = ("transition", "popularity", "sasrec")

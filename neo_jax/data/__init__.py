@@ -1,9 +1,9 @@
-"""From a user's files to training batches.
+"""A user's files before the catalog: schema, readers and splits.
 
 - `schema`: `Catalog`, `Interactions`, `Queries`, `Dataset`.
 - `loaders`: JSONL / TSV / Amazon 2014 readers (`load_dataset`); `writers`: the JSONL writer.
 - `synthetic`: the generated multi-type default dataset.
-- `splits`: leave-one-out (TIGER protocol); `tasks`: prompt schema, templates, `load_sid_map`.
-- `records`: tokenized examples as ArrayRecord shards; `pipeline`: grain packing and batching.
-- `commands`: `neo-jax data synth | check | tasks | records`.
+- `splits`: leave-one-out (TIGER protocol) and held-out queries.
+- `commands`: `neo-jax data synth | check | tasks | records` (the last two write the task data of
+  `neo_jax.tasks`, which comes after the catalog and tokenizer in the data path).
 """

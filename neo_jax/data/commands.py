@@ -20,13 +20,13 @@ from typing import Iterable, Iterator
 
 from neo_jax.atomic import atomic_output_dir
 from neo_jax.data.loaders import load_dataset
-from neo_jax.data.records import write_records
 from neo_jax.data.schema import Dataset
 from neo_jax.data.splits import leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
-from neo_jax.data.tasks import (TASKS, TaskConfig, build_eval_examples, build_train_examples, load_sid_map,
-                                read_examples, write_examples)
 from neo_jax.data.writers import write_dataset, write_queries
+from neo_jax.tasks.builders import (TASKS, TaskConfig, build_eval_examples, build_train_examples, load_sid_map,
+                                    read_examples, write_examples)
+from neo_jax.tasks.records import write_records
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import Progress
 
@@ -170,7 +170,7 @@ def _with_progress(items: list, label: str) -> Iterator:
 
 def _records(args: argparse.Namespace) -> dict:
     """Tokenize train/valid/test.jsonl with a mixed tokenizer (bos before each prompt, eos after each
-    completion) and write each split as ArrayRecord shards for `neo_jax.data.pipeline`. With
+    completion) and write each split as ArrayRecord shards for `neo_jax.tasks.pipeline`. With
     --max-length (the training seq_len + 1) an example longer than that loses its oldest history
     items, then the start of its prompt after the header, never its completion; each split's summary
     counts history_items_dropped, examples_shortened and prompts_cut."""

@@ -30,11 +30,11 @@ from neo_jax.decode.constraint import Constraint, SidConstraint, Unconstrained, 
 from neo_jax.decode.sampling import check_sampling_settings, sample
 from neo_jax.decode.sid_tables import SidTables
 from neo_jax.decode.state import DecodeResult, TokensToLogits, is_alive
-from neo_jax.data.tasks import parse_header
 from neo_jax.errors import UserError
 from neo_jax.model.decoder import Decoder
 from neo_jax.model.kv_cache import KVCache
 from neo_jax.sharding import batch_sharding
+from neo_jax.tasks.builders import parse_header
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.vocab import VocabLayout, format_sid
 

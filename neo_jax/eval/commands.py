@@ -13,11 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-from neo_jax.data.tasks import read_examples
 from neo_jax.decode.commands import load_generator
 from neo_jax.errors import UserError
 from neo_jax.eval.recommend import evaluate_recommendations, parse_ks, sample_examples
 from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
+from neo_jax.tasks.builders import read_examples
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

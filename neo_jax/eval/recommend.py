@@ -16,11 +16,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from neo_jax.catalog.sid_output import SidOutput
-from neo_jax.data.tasks import TaskExample
 from neo_jax.decode.generate import DecodeSettings, Generator
 from neo_jax.errors import UserError
 from neo_jax.eval.metrics import ranking_metrics
 from neo_jax.model.decoder import Decoder
+from neo_jax.tasks.builders import TaskExample
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import Progress
 from neo_jax.vocab import SID_CODE_PATTERN

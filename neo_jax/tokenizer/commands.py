@@ -16,9 +16,9 @@ from pathlib import Path
 
 from neo_jax.atomic import atomic_output_dir
 from neo_jax.catalog.sid_output import load_sid_output
-from neo_jax.data.tasks import read_examples
 from neo_jax.errors import UserError
 from neo_jax.model.config import ModelConfig
+from neo_jax.tasks.builders import read_examples
 from neo_jax.tokenizer.mixed import MixedTokenizer
 from neo_jax.tokenizer.text import load_text_tokenizer, train_sentencepiece
 from neo_jax.vocab import DEFAULT_SPECIALS, SID_CODE_PATTERN, VocabLayout

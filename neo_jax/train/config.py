@@ -14,9 +14,9 @@ from typing import Literal
 import grain
 
 from neo_jax.config import MeshConfig, to_dict
-from neo_jax.data.pipeline import check_task_weights, record_tasks
-from neo_jax.data.records import record_paths
 from neo_jax.errors import UserError
+from neo_jax.tasks.pipeline import check_task_weights, record_tasks
+from neo_jax.tasks.records import record_paths
 from neo_jax.train.distributed import DistributedConfig
 
 @dataclasses.dataclass(frozen=True)

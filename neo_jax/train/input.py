@@ -1,4 +1,4 @@
-"""This process's rows of each global batch, from the grain pipeline of `neo_jax.data.pipeline`.
+"""This process's rows of each global batch, from the grain pipeline of `neo_jax.tasks.pipeline`.
 
 The global batch is `num_shards` equal parts side by side (`[batch, seq_len]` = part 0
 rows, part 1 rows, ...); part i is packed from every num_shards-th record starting at
@@ -16,8 +16,8 @@ import grain
 import jax
 import numpy as np
 
-from neo_jax.data.pipeline import BATCH_KEYS, PipelineConfig, make_dataset
-from neo_jax.data.records import record_paths
+from neo_jax.tasks.pipeline import BATCH_KEYS, PipelineConfig, make_dataset
+from neo_jax.tasks.records import record_paths
 from neo_jax.train.config import TrainConfig, num_data_shards
 
 

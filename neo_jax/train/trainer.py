@@ -38,13 +38,13 @@ from neo_jax.catalog.sid_output import load_sid_output
 from neo_jax.checkpoint import (MODEL_CONFIG, abstract_decoder, load_hf_config, load_model, load_model_config,
                                 load_vocab_layout, save_model)
 from neo_jax.config import load_config, to_dict
-from neo_jax.data.tasks import read_examples
 from neo_jax.errors import UserError
 from neo_jax.eval.recommend import recall_hook
 from neo_jax.json_file import read_json_object
 from neo_jax.model import Decoder, ModelConfig
 from neo_jax.model.extend_vocab import extend_vocab
 from neo_jax.sharding import create_sharded, make_mesh, state_shardings
+from neo_jax.tasks.builders import read_examples
 from neo_jax.tokenizer import LAYOUT_FILE, MixedTokenizer
 from neo_jax.train import distributed
 from neo_jax.train.checkpointing import PreemptionWatch, TrainCheckpoints, abstract_like

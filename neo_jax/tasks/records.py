@@ -9,7 +9,7 @@ alone and generates the rest). Shards of a split are named
 
 With a length limit (`max_length` > 0, the training `seq_len + 1`), an example longer than the
 limit is fitted here, where the tokenizer is known, so that the pipeline never has to cut it
-(`neo_jax.data.pipeline` keeps only the first `seq_len + 1` tokens, which would cut the
+(`neo_jax.tasks.pipeline` keeps only the first `seq_len + 1` tokens, which would cut the
 completion): the completion is always kept whole and the prompt's header line never touched.
 1. History items are dropped from the prompt, oldest first, at the text level: the first SID span
    after the header (`[SID]...[/SID]`) is removed together with the text up to the next SID span
@@ -34,7 +34,7 @@ from typing import Iterable, Protocol
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from neo_jax.data.tasks import TaskExample
+from neo_jax.tasks.builders import TaskExample
 from neo_jax.errors import UserError
 from neo_jax.vocab import SID_OPEN
 

@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 import grain
 import numpy as np
 
-from neo_jax.data.records import TokenizedExample
+from neo_jax.tasks.records import TokenizedExample
 from neo_jax.errors import UserError
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -70,7 +70,7 @@ def check_task_weights(weights: Mapping[str, float], setting: str) -> None:
 
 
 def task_of(record: bytes) -> str:
-    """The `task` field of one serialized example (see `neo_jax.data.records`)."""
+    """The `task` field of one serialized example (see `neo_jax.tasks.records`)."""
     return json.loads(record)["task"]
 
 
