@@ -10,7 +10,7 @@ from neo_jax.config import load_config
 from neo_jax.quickstart import QuickstartConfig, run_quickstart
 
 SMALL = ["synthetic.num_items=200", "synthetic.num_users=60", "synthetic.num_queries=20",
-         "grounding_steps=2", "instruct_steps=3", "batch_size=8", "seq_len=128", "eval_users=6", "beams=5",
+         "grounding_steps=2", "instruct_steps=3", "batch_size=8", "seq_len=256", "eval_users=6", "beams=5",
          "text_vocab_size=400", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
          "model.head_dim=8", "sids.type_codebook_sizes={brand: [8], creator: [8]}", "sids.codebook_sizes=[8,8]",
          "embedding.collab.epochs=1"]
