@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from neo_jax.atomic import atomic_write_text
 from neo_jax.baselines.train import SasRecTrainConfig
 from neo_jax.catalog.commands import SidsBuildConfig, build_sids
 from neo_jax.catalog.embeddings import EmbeddingConfig
@@ -40,6 +41,7 @@ from neo_jax.data.loaders import load_dataset
 from neo_jax.data.splits import leave_one_out
 from neo_jax.errors import UserError
 from neo_jax.eval.recommend import sample_indices
+from neo_jax.json_file import read_json_object
 from neo_jax.run_steps import DEFAULT_MODEL, StageSettings, cli_step, say, train_stage
 from neo_jax.tasks.builders import read_examples
 
@@ -136,7 +138,7 @@ def _baseline_metrics(config: RecBenchConfig, data_dir: Path, root: Path, chosen
         if name == "sasrec":
             result = clock.run("baseline sasrec", train_sasrec, split, n_items, config.sasrec,
                                lambda message: say(PREFIX, f"sasrec: {message}"), ks=config.ks)
-            (root / "sasrec_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+            atomic_write_text(root / "sasrec_result.json", json.dumps(result, indent=2))
             out[name] = result["test_protocols"]
             continue
         metric = {"transition": transition_ranking_metrics, "popularity": popularity_ranking_metrics}[name]
@@ -154,15 +156,13 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
         raise UserError(f"beams ({config.beams}) must be at least the largest K ({max(config.ks)})")
     root = Path(config.out or f"runs/bench_rec/{data_dir.name}")
     root.mkdir(parents=True, exist_ok=True)
-    (root / "bench_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    atomic_write_text(root / "bench_config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     clock = PhaseClock()
     if not (root / "sids").exists():
         say(PREFIX, f"sids: neo-jax sids build --config {root / 'bench_config.yaml'} (its embedding and sids)")
-        summary = clock.run("sids", build_sids, SidsBuildConfig(
-            data=str(data_dir), output=str(root / "sids"), seed=config.seed, embedding=config.embedding,
-            sids=config.sids))
-        (root / "sids_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    sids_summary = json.loads((root / "sids_summary.json").read_text(encoding="utf-8"))
+        clock.run("sids", build_sids, SidsBuildConfig(data=str(data_dir), output=str(root / "sids"), seed=config.seed,
+                                                      embedding=config.embedding, sids=config.sids))
+    sids_summary = read_json_object(root / "sids" / "summary.json")
     clock.run("tasks", cli_step, PREFIX, "tasks", root / "tasks",
               ["data", "tasks", str(data_dir), str(root / "sids" / "sids.tsv"), str(root / "tasks"),
                "--tasks", "recommend", "--window", str(config.window), "--seed", str(config.seed)])
@@ -173,8 +173,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
               ["data", "records", str(root / "tasks"), str(root / "tokenizer"), str(root / "records"),
                "--shards", "1", "--splits", "train,valid", "--max-length", str(config.seq_len + 1)])
     model_path = root / "model.yaml"
-    model_path.write_text(yaml.safe_dump({**DEFAULT_MODEL, **config.model, "vocab_size": config.text_vocab_size}),
-                          encoding="utf-8")
+    atomic_write_text(model_path, yaml.safe_dump({**DEFAULT_MODEL, **config.model,
+                                                  "vocab_size": config.text_vocab_size}))
     stage = StageSettings(stage="instruct", steps=config.steps, learning_rate=config.learning_rate,
                           batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, mesh=config.mesh,
                           warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, log_every=50)
@@ -196,7 +196,7 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
         "phase_seconds": clock.seconds,
         "checkpoint": str(checkpoint),
     }
-    (root / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    atomic_write_text(root / "result.json", json.dumps(result, indent=2))
     return result
 
 
