@@ -84,6 +84,33 @@ def test_decoded_beams_score_their_full_pass_log_probability_and_obey_the_constr
         assert len({beam.items[0].row for beam in beams[1]}) == 3  # ID mode: K distinct items
 
 
+@pytest.mark.parametrize("method", ["beam", "sample"])
+def test_codes_only_id_mode_decodes_just_the_codes_and_ranks_items_by_their_probability(setup, method):
+    """With `ids_codes_only` the prompt ends with `[SID]` and a sequence ends at its leaf: a beam as
+    wide as the allowed items returns every one of them, ranked by the codes' log-probability."""
+    model, catalog, constraint, _ = setup
+    request = REQUESTS[1]  # ID mode, types 1 and 2, rows 0 and 3 excluded: 17 items
+    items = ReferenceRules(catalog, request, None).items
+    prompt = (4, 2, 5, LAYOUT.sid_open_id)
+    requests_on_device = sid_requests(catalog.trie, LAYOUT, constraint.tables, entity_types=[request.entity_types],
+                                      output_formats=["ids"], beam_size=len(items),
+                                      excluded_rows=[request.excluded_rows])
+    codes_only = SidConstraint.create(constraint.tables, requests_on_device, LAYOUT, EOS_ID, ids_codes_only=True)
+    packed = pack_prompts([prompt], max_context=32, max_new_tokens=3, vocab_limit=LAYOUT.size)
+    settings = DecodeSettings(method, max_new_tokens=3, beam_size=len(items), top_k=0)
+    result = decode(model, packed, codes_only, settings, EOS_ID)
+    beams = resolve(result, LAYOUT, catalog.trie, [True], EOS_ID)[0]
+    assert int(result.steps) == 3  # the deepest item's three codes, no forced token
+    assert all(beam.finished and beam.tokens[0] == LAYOUT.sid_open_id
+               and beam.tokens[-2:] == (LAYOUT.sid_close_id, EOS_ID) for beam in beams)
+    for beam in beams:
+        assert catalog.item_tokens[beam.items[0].row] in items
+        assert beam.log_prob == pytest.approx(full_pass_log_prob(model, prompt, beam.tokens[1:-2]), abs=1e-4)
+    if method == "beam":
+        expected = sorted(((full_pass_log_prob(model, prompt, tokens), tokens) for tokens in items), reverse=True)
+        assert [beam.tokens[1:-2] for beam in beams] == [tokens for _, tokens in expected]
+
+
 def test_unconstrained_decoding_never_emits_padding_rows(setup):
     model, _, _, packed = setup
     result = decode(model, packed, Unconstrained(LAYOUT.size), DecodeSettings("beam", max_new_tokens=10,

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from neo_jax.model.config import Llama3RopeScaling, ModelConfig
+from neo_jax.model.kv_cache import SharedPromptCache
 
 CONFIGS = {
     "qwen3_gqa": ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=300, hidden_size=64, intermediate_size=96,
@@ -110,3 +111,37 @@ def test_bfloat16_compute_tracks_float32(random_decoder):
     (reference,), (low_precision,) = plain_forward(model32, [sequence]), plain_forward(model16, [sequence])
     assert low_precision.dtype == np.float32
     assert np.abs(low_precision - reference).max() < 0.05 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_shared_prompt_cache_matches_a_cache_per_sequence(name, random_decoder):
+    """Beams reading their request's prompt once score exactly as beams that each copy the prompt."""
+    model = random_decoder(CONFIGS[name], seed=5)
+    rng = np.random.default_rng(5)
+    width, padded_len = 3, max(PROMPT_LENGTHS)
+    prompt = np.zeros((len(PROMPT_LENGTHS), padded_len), np.int32)
+    segments, positions = np.zeros_like(prompt), np.zeros_like(prompt)
+    for row, p in enumerate(PROMPT_LENGTHS):
+        prompt[row, padded_len - p:] = rng.integers(0, 300, p)
+        segments[row, padded_len - p:] = 1
+        positions[row, padded_len - p:] = np.arange(p)
+    # [requests*width, NEW_TOKENS]: each sequence of a request continues differently
+    continuations = rng.integers(0, 300, (len(PROMPT_LENGTHS) * width, NEW_TOKENS)).astype(np.int32)
+    step_positions = np.repeat(np.array(PROMPT_LENGTHS, np.int32), width)[:, None]  # [requests*width, 1]
+
+    per_sequence = model.init_cache(len(PROMPT_LENGTHS), padded_len + NEW_TOKENS)
+    _, per_sequence = forward(model, prompt, positions, segments, per_sequence)
+    per_sequence = jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), per_sequence)
+    prompt_only = model.init_cache(len(PROMPT_LENGTHS), padded_len)
+    _, prompt_only = forward(model, prompt, positions, segments, prompt_only)
+    shared = SharedPromptCache.after_prefill(prompt_only, NEW_TOKENS).repeat_sequences(width)
+    assert shared.width == width and shared.prompt.keys[0].shape[0] == len(PROMPT_LENGTHS)
+    for i in range(NEW_TOKENS):
+        expected, per_sequence = forward(model, continuations[:, i:i + 1], step_positions + i, None, per_sequence)
+        got, shared = forward(model, continuations[:, i:i + 1], step_positions + i, None, shared)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5)
+    # reordering sequences gathers only their own generated tokens
+    rows = jnp.array([2, 0, 0, 3, 5, 4, 8, 8, 6])
+    reordered = shared.take_sequences(rows)
+    assert reordered.prompt is shared.prompt
+    np.testing.assert_array_equal(np.asarray(reordered.generated.keys[0]), np.asarray(shared.generated.keys[0])[rows])

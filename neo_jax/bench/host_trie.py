@@ -97,3 +97,6 @@ class HostTrieConstraint:
             span=jnp.where(coded[..., None], appended, state.span),  # [batch, beams, max_levels]
             span_len=state.span_len + coded,
         )
+
+    def complete(self, state: HostSpanState) -> jax.Array:
+        return jnp.zeros((), bool)  # the baseline decodes the whole span, `[/SID]` and EOS included

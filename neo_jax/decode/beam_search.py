@@ -7,7 +7,7 @@ Finished sequences are ranked by log-probability over the length penalty
 `((5 + length) / 6) ** alpha`. The loop stops when every request has `beams` finished sequences
 and no live beam can beat the worst of them (its log-probability can only fall, and the penalty
 is largest at `max_new_tokens`), or when no live beam is left. The constraint masks candidates
-before the top-k; its per-beam state is gathered with the beams and the KV cache. Call inside
+before the top-k, and a candidate it calls complete finishes as one ending with EOS does; its per-beam state is gathered with the beams and the KV cache. Call inside
 `jax.jit`.
 """
 
@@ -105,7 +105,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_tok
         # As in HF transformers, an EOS candidate counts only if it ranks among the best K, so that
         # one beam is greedy decoding; EOS candidates ranked lower are dropped.
         in_top_k = jnp.arange(2 * beams) < beams  # [2*beams]
-        ends = top_tokens == eos_id  # [batch, 2*beams]
+        ends = (top_tokens == eos_id) | constraint.complete(top_constraint)  # [batch, 2*beams]
         newly_finished = ends & in_top_k & is_alive(top_log_probs)  # [batch, 2*beams]
 
         # Live: the K best candidates that did not end.

@@ -1,9 +1,11 @@
 """The SID constraint as device arrays: which tokens each beam may take next, and how its state moves.
 
-A constraint is a pytree with three methods the decoding loops call every step:
+A constraint is a pytree with four methods the decoding loops call every step:
 - `init_state(batch, beams)`: the per-beam state, leaves `[batch, beams, ...]`;
 - `allowed(state, vocab_size) -> mask`: bool, broadcastable to `[batch, beams, vocab]`;
-- `advance(state, tokens [batch, beams]) -> state`: the state after taking `tokens`.
+- `advance(state, tokens [batch, beams]) -> state`: the state after taking `tokens`;
+- `complete(state) -> [batch, beams] bool`: the sequence is finished without an EOS (all that
+  could follow is forced).
 A beam search gathers the state by parent beam before `advance`, exactly as it gathers the KV
 cache. `Unconstrained` is the no-op (only the vocabulary's padding rows are masked), so
 constrained and unconstrained decoding run the same loop.
@@ -13,7 +15,11 @@ keeps `in_span` (inside `[SID] ... [/SID]`) and `node` (the trie node reached; o
 the leaf of the last item closed, or 0 before any). Per request it holds the output format
 (`text`: no SIDs; `mixed`: text and SIDs; `ids`: one SID then EOS), the tokens allowed right
 after `[SID]` (the level-0 codes of allowed types that still hold an allowed item) and, when it
-restricts items, which children lost every item. A step costs one bitmap row per beam and
+restricts items, which children lost every item. With `ids_codes_only`, an ID-mode request
+decodes just its item's codes: its prompt ends with `[SID]` (the loop starts inside the span)
+and its sequences are complete at a leaf, since `[/SID]` and EOS are forced there; ranking is
+then by the codes' probability alone, and decoding takes `levels` model steps, not
+`levels + 3`. A step costs one bitmap row per beam and
 elementwise work over the vocabulary, whatever the catalog size. A child is allowed iff its
 subtree still holds an allowed item, so a restricted catalog never leaves a beam in a dead end.
 """
@@ -43,6 +49,8 @@ class Constraint(Protocol):
     def allowed(self, state: PyTree, vocab_size: int) -> jax.Array: ...
 
     def advance(self, state: PyTree, tokens: jax.Array) -> PyTree: ...
+
+    def complete(self, state: PyTree) -> jax.Array: ...
 
 
 class OutputFormat(enum.IntEnum):
@@ -75,6 +83,9 @@ class Unconstrained:
 
     def advance(self, state: tuple, tokens: jax.Array) -> tuple:
         return state
+
+    def complete(self, state: tuple) -> jax.Array:
+        return jnp.zeros((), bool)
 
 
 @flax.struct.dataclass
@@ -192,16 +203,29 @@ class SidConstraint:
     sid_open: int = flax.struct.field(pytree_node=False)
     sid_close: int = flax.struct.field(pytree_node=False)
     eos_id: int = flax.struct.field(pytree_node=False)
+    ids_codes_only: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def create(cls, tables: SidTables, requests: SidRequests, layout: VocabLayout, eos_id: int) -> "SidConstraint":
+    def create(cls, tables: SidTables, requests: SidRequests, layout: VocabLayout, eos_id: int,
+               ids_codes_only: bool = False) -> "SidConstraint":
         if not 0 <= eos_id < layout.text_size:
             raise UserError(f"EOS id {eos_id} is not a text token of the vocabulary (0..{layout.text_size - 1})")
         return cls(tables=tables, requests=requests, text_size=layout.text_size,
-                   sid_open=layout.sid_open_id, sid_close=layout.sid_close_id, eos_id=int(eos_id))
+                   sid_open=layout.sid_open_id, sid_close=layout.sid_close_id, eos_id=int(eos_id),
+                   ids_codes_only=ids_codes_only)
+
+    def _codes_only(self) -> jax.Array:
+        """`[batch, 1]` bool: the request decodes just its item's codes (see the module doc)."""
+        return (self.requests.output_format[:, None] == OutputFormat.IDS) & self.ids_codes_only
 
     def init_state(self, batch: int, beams: int) -> SidState:
-        return SidState(in_span=jnp.zeros((batch, beams), bool), node=jnp.zeros((batch, beams), jnp.int32))
+        in_span = jnp.broadcast_to(self._codes_only(), (batch, beams))  # [batch, beams]
+        return SidState(in_span=in_span, node=jnp.zeros((batch, beams), jnp.int32))
+
+    def complete(self, state: SidState) -> jax.Array:
+        """`[batch, beams]`: a codes-only request whose SID reached a leaf."""
+        at_leaf = state.in_span & (state.node != ROOT) & (self.tables.child_block[self.tables.row(state.node)] < 0)
+        return self._codes_only() & at_leaf
 
     def allowed(self, state: SidState, vocab_size: int) -> jax.Array:
         """Outside a span, by output format: `text`: text tokens (EOS among them); `mixed`: text and

@@ -32,7 +32,7 @@ from neo_jax.decode.sid_tables import SidTables
 from neo_jax.decode.state import DecodeResult, TokensToLogits, is_alive
 from neo_jax.errors import UserError
 from neo_jax.model.decoder import Decoder
-from neo_jax.model.kv_cache import KVCache
+from neo_jax.model.kv_cache import KVCache, SharedPromptCache
 from neo_jax.sharding import batch_sharding
 from neo_jax.tasks.builders import parse_header
 from neo_jax.tokenizer import MixedTokenizer
@@ -106,9 +106,9 @@ def pack_prompts(prompts: Sequence[Sequence[int]], *, max_context: int, max_new_
 
 
 def decoder_step(model: Decoder) -> TokensToLogits:
-    """The decoding loops' model callback for a `Decoder` and its `KVCache`."""
+    """The decoding loops' model callback for a `Decoder` and its cache (`prefill`'s `SharedPromptCache`)."""
 
-    def tokens_to_logits(tokens: jax.Array, cache: KVCache, positions: jax.Array):
+    def tokens_to_logits(tokens: jax.Array, cache: KVCache | SharedPromptCache, positions: jax.Array):
         logits, cache = model(tokens, positions, None, cache)  # [batch*beams, 1, vocab]
         return logits[:, 0], cache
 
@@ -116,13 +116,14 @@ def decoder_step(model: Decoder) -> TokensToLogits:
 
 
 def prefill(model: Decoder, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-            max_new_tokens: int) -> KVCache:
-    """A cache holding every prompt token but the last (the decoding loop feeds that one first)."""
+            max_new_tokens: int) -> SharedPromptCache:
+    """A cache holding every prompt token but the last (the decoding loop feeds that one first),
+    shared by the sequences the loop decodes from it, with room for `max_new_tokens` each."""
     batch, width = tokens.shape
-    cache = model.init_cache(batch, width - 1 + max_new_tokens)
+    cache = model.init_cache(batch, width - 1)
     if width > 1:
         _, cache = model(tokens[:, :-1], positions[:, :-1], segment_ids[:, :-1], cache)
-    return cache
+    return SharedPromptCache.after_prefill(cache, max_new_tokens)
 
 
 @nnx.jit(static_argnames=("settings", "eos_id"))
@@ -215,8 +216,13 @@ def _resolve_span(span: list[int], layout: VocabLayout, trie: SidTrie) -> ItemRe
                    codes=codes)
 
 
-def resolve(result: DecodeResult, layout: VocabLayout, trie: SidTrie) -> list[list[Continuation]]:
-    """`[batch][beam]` continuations (filler beams dropped), best first for beam search."""
+def resolve(result: DecodeResult, layout: VocabLayout, trie: SidTrie, codes_only: Sequence[bool] | None = None,
+            eos_id: int | None = None) -> list[list[Continuation]]:
+    """`[batch][beam]` continuations (filler beams dropped), best first for beam search.
+
+    `codes_only[b]`: request b decoded just its item's codes (`SidConstraint.ids_codes_only`);
+    its continuations get back the forced tokens around them, `[SID]` before and, when
+    finished, `[/SID]` and `eos_id` after, so they read as any ID-mode answer."""
     tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
     log_probs, scores, finished = np.asarray(result.log_probs), np.asarray(result.scores), np.asarray(result.finished)
     alive = np.asarray(is_alive(result.scores)) | finished  # [batch, beams]
@@ -225,6 +231,8 @@ def resolve(result: DecodeResult, layout: VocabLayout, trie: SidTrie) -> list[li
         row = []
         for k in np.flatnonzero(alive[b]):
             ids = tuple(int(t) for t in tokens[b, k, : lengths[b, k]])
+            if codes_only is not None and codes_only[b]:
+                ids = (layout.sid_open_id,) + ids + ((layout.sid_close_id, eos_id) if finished[b, k] else ())
             row.append(Continuation(ids, split_sids(ids, layout, trie), float(log_probs[b, k]),
                                     float(scores[b, k]), bool(finished[b, k])))
         out.append(row)
@@ -292,8 +300,11 @@ class Generator:
         `allowed_ids`: the only items any prompt may name (in stock)."""
         layout = self.tokenizer.layout
         headers = [_prompt_target(p, default_types, default_format) for p in prompts]
+        # Constrained ID mode names one item: its prompt ends with `[SID]` and it decodes just the codes.
+        codes_only = [constrained and output_format == "ids" for _, output_format in headers]
         bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
-        packed = pack_prompts([bos + self.tokenizer.encode(p) if p else [] for p in prompts],
+        packed = pack_prompts([bos + self.tokenizer.encode(p) + ([layout.sid_open_id] if codes else []) if p else []
+                               for p, codes in zip(prompts, codes_only)],
                               max_context=self.model.config.max_position_embeddings,
                               max_new_tokens=settings.max_new_tokens, vocab_limit=layout.size,
                               width_multiple=SHAPE_MULTIPLE)
@@ -306,11 +317,12 @@ class Generator:
                 max_excluded=None if excluded is None else _round_up(max([1] + [len(r) for r in excluded]),
                                                                      SHAPE_MULTIPLE),
                 allowed_rows=None if allowed_ids is None else self._mask(allowed_ids))
-            constraint = SidConstraint.create(self.tables, requests, layout, self.eos_id)
+            constraint = SidConstraint.create(self.tables, requests, layout, self.eos_id, ids_codes_only=True)
         else:
             constraint = Unconstrained(layout.size)
         result = decode(self.model, packed, constraint, settings, self.eos_id, self.mesh, seed)
-        return [[self._to_text(c) for c in beams] for beams in resolve(result, layout, self.sids.trie)]
+        return [[self._to_text(c) for c in beams]
+                for beams in resolve(result, layout, self.sids.trie, codes_only, self.eos_id)]
 
     def _rows(self, item_ids: Sequence[str], what: str) -> list[int]:
         unknown = [i for i in item_ids if i not in self.row_of_id]

@@ -26,7 +26,7 @@ class SamplingState:
     tokens: jax.Array  # [batch, samples, max_new_tokens] int32
     lengths: jax.Array  # [batch, samples] int32
     log_probs: jax.Array  # [batch, samples] float32
-    ended: jax.Array  # [batch, samples] bool: took EOS
+    ended: jax.Array  # [batch, samples] bool: took EOS or the constraint calls it complete
     cache: PyTree  # leaves [batch*samples, ...]
     constraint: PyTree  # leaves [batch, samples, ...]
     rng: jax.Array  # PRNG key
@@ -104,15 +104,17 @@ def sample(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_token: j
         live = ~state.ended  # [batch, samples]
         chosen = jnp.where(live, chosen, 0)  # [batch, samples]
         chosen_log_probs = jnp.take_along_axis(log_probs, chosen[..., None], axis=-1)[..., 0]  # [batch, samples]
+        constraint_state = constraint.advance(state.constraint, chosen)
+        ends = (chosen == eos_id) | constraint.complete(constraint_state)  # [batch, samples]
         return SamplingState(
             step=state.step + 1,
             last_tokens=chosen,
             tokens=state.tokens.at[:, :, state.step].set(chosen),  # [batch, samples, max_new_tokens]
             lengths=state.lengths + live,  # [batch, samples]
             log_probs=state.log_probs + jnp.where(live, chosen_log_probs, 0.0),  # [batch, samples]
-            ended=state.ended | (live & (chosen == eos_id)),  # [batch, samples]
+            ended=state.ended | (live & ends),  # [batch, samples]
             cache=new_cache,
-            constraint=constraint.advance(state.constraint, chosen),
+            constraint=constraint_state,
             rng=rng,
         )
 

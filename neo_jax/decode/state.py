@@ -6,6 +6,8 @@ Every leaf of the cache carries the flattened `batch*beams` axis first, beams of
 adjacent (row `b * beams + k`), so a beam search reorders beams by gathering rows. Before the
 loop the cache holds the prompt's first `prompt_length - 1` tokens of each request (with only a
 `batch` axis); the loop feeds the prompt's last token at position `prompt_length - 1` first.
+A `SharedPromptCache` keeps that prompt part once per request: only its generated part is
+repeated and gathered.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from neo_jax.model.kv_cache import SharedPromptCache
 
 PyTree = Any
 TokensToLogits = Callable[[jax.Array, PyTree, jax.Array], tuple[jax.Array, PyTree]]
@@ -50,7 +54,10 @@ class DecodeResult:
 
 
 def expand_beams(tree: PyTree, beams: int) -> PyTree:
-    """Repeat each request's row `beams` times: leaves `[batch, ...]` -> `[batch*beams, ...]`."""
+    """Repeat each request's row `beams` times: leaves `[batch, ...]` -> `[batch*beams, ...]`
+    (of a `SharedPromptCache`, only the generated part's)."""
+    if isinstance(tree, SharedPromptCache):
+        return tree.repeat_sequences(beams)
     return jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), tree)
 
 
@@ -64,9 +71,12 @@ def gather_beams(tree: PyTree, parents: jax.Array) -> PyTree:
 
 
 def gather_flat_beams(tree: PyTree, parents: jax.Array, old_beams: int) -> PyTree:
-    """`gather_beams` for leaves with the flattened axis: `[batch*old_beams, ...]` -> `[batch*new_beams, ...]`."""
+    """`gather_beams` for leaves with the flattened axis: `[batch*old_beams, ...]` -> `[batch*new_beams, ...]`
+    (of a `SharedPromptCache`, only the generated part's: the prompt part is every beam's)."""
     batch_index = jnp.arange(parents.shape[0])[:, None]  # [batch, 1]
     rows = (batch_index * old_beams + parents).reshape(-1)  # [batch*new_beams]
+    if isinstance(tree, SharedPromptCache):
+        return tree.take_sequences(rows)
     return jax.tree.map(lambda x: x[rows], tree)
 
 

@@ -5,6 +5,9 @@
     cache = model.init_cache(batch, max_len)
     logits, cache = model(prompt, prompt_positions, prompt_segments, cache)   # prefill
     logits, cache = model(next_token, next_positions, None, cache)            # one step
+    # beams or samples sharing their prompt's cache (`neo_jax.model.kv_cache.SharedPromptCache`):
+    cache = SharedPromptCache.after_prefill(cache, max_new_tokens).repeat_sequences(beams)
+    logits, cache = model(next_tokens, next_positions, None, cache)           # [batch*beams, 1, vocab]
 
 Inputs: `tokens` `[batch, len]` int32; `positions` `[batch, len]` int32 RoPE positions;
 `segment_ids` `[batch, len]` int32 or None (all ones): 0 marks padding, and packed
@@ -28,8 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neo_jax.model.config import ModelConfig
-from neo_jax.model.kv_cache import KVCache, write_at
-from neo_jax.model.layers import Attention, RMSNorm, SwiGLU, attention_mask, make_param, rope_inverse_frequencies
+from neo_jax.model.kv_cache import KVCache, SharedPromptCache, write_at
+from neo_jax.model.layers import (Attention, PromptKeys, RMSNorm, SwiGLU, attention_mask, make_param,
+                                  rope_inverse_frequencies)
 
 # Logit of a vocabulary padding row: never predicted, yet finite so sums stay finite.
 MASKED_LOGIT = -1e9
@@ -42,14 +46,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", rngs)
         self.mlp = SwiGLU(config, rngs)
 
-    def __call__(self, x, positions, inv_freq, mask, cached_kv=None):
-        """`x` `[batch, len, embed]` -> (same shape, (keys, values) this layer attended to)."""
+    def __call__(self, x, positions, inv_freq, mask, cached_kv=None, prompt: PromptKeys | None = None):
+        """`x` `[batch, len, embed]` -> (same shape, (keys, values) this layer attended to, `prompt` aside)."""
         normed = self.input_norm(x)
         keys, values = self.attn.project_kv(normed, positions, inv_freq)  # [batch, len, kv_heads, head_dim]
         if cached_kv is not None:
             cache_keys, cache_values, end = cached_kv
             keys, values = write_at(cache_keys, keys, end), write_at(cache_values, values, end)
-        x = x + self.attn(normed, positions, inv_freq, keys, values, mask)
+        x = x + self.attn(normed, positions, inv_freq, keys, values, mask, prompt)
         return x + self.mlp(self.post_attention_norm(x)), (keys, values)
 
 
@@ -73,8 +77,22 @@ class Decoder(nnx.Module):
         return KVCache.create(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.compute_dtype)
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Final normed hidden states `[batch, len, embed]` and the updated cache (None without one)."""
+                      cache: KVCache | SharedPromptCache | None = None
+                      ) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
+        """Final normed hidden states `[batch, len, embed]` and the updated cache (None without one).
+
+        With a `SharedPromptCache` the rows are its sequences (`batch = requests * width`); the
+        new tokens go to their own generated cache and attend to the shared prompt too."""
+        if isinstance(cache, SharedPromptCache):
+            prompt_mask = cache.prompt.segment_ids != 0  # [requests, prompt_len]
+            prompts = [PromptKeys(keys, values, prompt_mask)
+                       for keys, values in zip(cache.prompt.keys, cache.prompt.values)]
+            hidden, generated = self._hidden_states(tokens, positions, segment_ids, cache.generated, prompts)
+            return hidden, cache.replace(generated=generated)
+        return self._hidden_states(tokens, positions, segment_ids, cache, [None] * self.config.num_layers)
+
+    def _hidden_states(self, tokens, positions, segment_ids, cache: KVCache | None,
+                       prompts: list[PromptKeys | None]) -> tuple[jax.Array, KVCache | None]:
         batch, length = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
@@ -93,7 +111,7 @@ class Decoder(nnx.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             cached_kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
-            x, (keys, values) = layer(x, positions, inv_freq, mask, cached_kv)
+            x, (keys, values) = layer(x, positions, inv_freq, mask, cached_kv, prompts[i])
             new_keys.append(keys)
             new_values.append(values)
         hidden = self.final_norm(x)
@@ -112,7 +130,8 @@ class Decoder(nnx.Module):
         return logits
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | SharedPromptCache | None = None
+                 ) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
         """`(logits [batch, len, vocab] float32, updated cache or None)`."""
         hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
         return self.logits(hidden), cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from neo_jax.model.config import ModelConfig
 
@@ -78,6 +78,15 @@ def attention_mask(query_segments: jax.Array, query_slots: jax.Array,
     return causal & same_segment & (key_segments[:, None, :] != 0)
 
 
+@struct.dataclass
+class PromptKeys:
+    """One layer's keys and values of a prompt shared by several sequences (see `SharedPromptCache`)."""
+
+    keys: jax.Array  # [requests, prompt_len, kv_heads, head_dim]
+    values: jax.Array  # [requests, prompt_len, kv_heads, head_dim]
+    mask: jax.Array  # [requests, prompt_len] bool: a prompt token (not padding)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v/o biases and q/k RMSNorm."""
 
@@ -110,10 +119,12 @@ class Attention(nnx.Module):
         return apply_rope(keys, positions, inv_freq), self._project(x, self.v_kernel, self.v_bias)
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, keys: jax.Array,
-                 values: jax.Array, mask: jax.Array) -> jax.Array:
+                 values: jax.Array, mask: jax.Array, prompt: PromptKeys | None = None) -> jax.Array:
         """Attend from `x` `[batch, len, embed]` to `keys`/`values` `[batch, keys, kv_heads, head_dim]`.
 
-        `mask` is `[batch, len, keys]` (see `attention_mask`).
+        `mask` is `[batch, len, keys]` (see `attention_mask`). With `prompt`, the rows of `x` are
+        `width` sequences per request (`batch = requests * width`) that also attend to their
+        request's shared prompt keys, which come before every key of their own.
         """
         queries = self._project(x, self.q_kernel, self.q_bias)  # [batch, len, heads, head_dim]
         if self.q_norm is not None:
@@ -124,8 +135,23 @@ class Attention(nnx.Module):
         scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys.astype(x.dtype),
                             preferred_element_type=jnp.float32) * self.scale  # [b, kv, group, t, keys]
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
-        weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        attended = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(x.dtype)).reshape(b, t, h, hd)
+        if prompt is None:
+            weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+            attended = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(x.dtype))
+        else:
+            requests, width = prompt.keys.shape[0], b // prompt.keys.shape[0]
+            by_request = grouped.reshape(requests, width, *grouped.shape[1:])  # [r, width, t, kv, group, hd]
+            prompt_scores = jnp.einsum("rwtkgd,rskd->rwkgts", by_request, prompt.keys.astype(x.dtype),
+                                       preferred_element_type=jnp.float32) * self.scale  # [r, w, kv, g, t, p]
+            prompt_scores = jnp.where(prompt.mask[:, None, None, None, None, :], prompt_scores, _MASKED_SCORE)
+            prompt_len = prompt_scores.shape[-1]
+            joint = jnp.concatenate([prompt_scores.reshape(b, *prompt_scores.shape[2:]), scores], axis=-1)
+            weights = jax.nn.softmax(joint, axis=-1).astype(x.dtype)  # [b, kv, group, t, prompt_len + keys]
+            prompt_weights = weights[..., :prompt_len].reshape(requests, width, *weights.shape[1:-1], prompt_len)
+            attended = (jnp.einsum("rwkgts,rskd->rwtkgd", prompt_weights, prompt.values.astype(x.dtype))
+                        .reshape(b, t, *grouped.shape[2:4], hd)
+                        + jnp.einsum("bkgts,bskd->btkgd", weights[..., prompt_len:], values.astype(x.dtype)))
+        attended = attended.reshape(b, t, h, hd)
         out = jnp.einsum("bthk,hkd->btd", attended, self.o_kernel[...].astype(x.dtype))  # [batch, len, embed]
         return out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)
 
