@@ -55,6 +55,7 @@ class StageSettings:
     mesh: MeshConfig = MeshConfig()
     warmup_steps: int | None = None  # default: a tenth of the steps
     weight_decay: float | None = None  # default: 0 for grounding, 0.1 otherwise
+    dropout: float = 0.0
     evaluations: int = 4  # validation losses (and checkpoints) over the run
     eval_batches: int = 4
     log_every: int = 10
@@ -74,7 +75,7 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
         "run_dir": str(run_dir), "stage": settings.stage, "init": init, "seed": settings.seed,
         "data": {"records_dir": str(records), "tokenizer": str(tokenizer)},
         "mesh": dataclasses.asdict(settings.mesh), "steps": settings.steps, "batch_size": settings.batch_size,
-        "seq_len": settings.seq_len, "log_every": settings.log_every,
+        "seq_len": settings.seq_len, "log_every": settings.log_every, "dropout": settings.dropout,
         "optimizer": {"learning_rate": settings.learning_rate,
                       "warmup_steps": (max(1, settings.steps // 10) if settings.warmup_steps is None
                                        else settings.warmup_steps),

@@ -12,6 +12,7 @@ from flax import nnx
 
 from neo_jax.model.config import Llama3RopeScaling, ModelConfig
 from neo_jax.model.kv_cache import SharedPromptCache
+from neo_jax.model.layers import Dropout
 
 CONFIGS = {
     "qwen3_gqa": ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=300, hidden_size=64, intermediate_size=96,
@@ -145,3 +146,23 @@ def test_shared_prompt_cache_matches_a_cache_per_sequence(name, random_decoder):
     reordered = shared.take_sequences(rows)
     assert reordered.prompt is shared.prompt
     np.testing.assert_array_equal(np.asarray(reordered.generated.keys[0]), np.asarray(shared.generated.keys[0])[rows])
+
+
+def test_dropout_is_seeded_by_its_key_and_off_without_one(random_decoder):
+    model = random_decoder(CONFIGS["qwen3_gqa"], seed=6)
+    tokens = np.arange(40, 56, dtype=np.int32)[None]  # [1, 16]
+    positions = np.arange(16, dtype=np.int32)[None]
+    run = nnx.jit(lambda model, dropout: model(tokens, positions, None, None, dropout)[0])
+    plain = np.asarray(run(model, None))
+    np.testing.assert_array_equal(np.asarray(run(model, Dropout(jax.random.key(0), rate=0.0))), plain)
+    first = np.asarray(run(model, Dropout(jax.random.key(1), rate=0.3)))
+    np.testing.assert_array_equal(np.asarray(run(model, Dropout(jax.random.key(1), rate=0.3))), first)
+    other = np.asarray(run(model, Dropout(jax.random.key(2), rate=0.3)))
+    assert not np.allclose(first, plain, atol=1e-3) and not np.allclose(first, other, atol=1e-3)
+
+
+def test_dropout_keeps_values_in_expectation():
+    x = jnp.ones((200, 500), jnp.float32)
+    dropped = np.asarray(Dropout(jax.random.key(0), rate=0.25)(x, site=3))
+    np.testing.assert_allclose(np.unique(dropped), [0.0, 1 / 0.75], rtol=1e-6)
+    assert abs(float((dropped == 0).mean()) - 0.25) < 0.01 and abs(float(dropped.mean()) - 1.0) < 0.02

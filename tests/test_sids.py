@@ -13,7 +13,8 @@ from flax import nnx
 
 from neo_jax.catalog.collisions import add_disambiguation_level, balance_last_level, resolve_collisions
 from neo_jax.catalog.commands import SidsBuildConfig, build_sids
-from neo_jax.catalog.embed_collab import CollabConfig, collaborative_embeddings, fuse_embeddings
+from neo_jax.catalog.embed_collab import (CollabConfig, collaborative_embeddings, cooccurrence_embeddings,
+                                         fuse_embeddings)
 from neo_jax.catalog.embed_text import TextEncoderConfig, backbone_embeddings, hashed_tfidf_embeddings
 from neo_jax.catalog.kmeans import kmeans, kmeans_plus_plus
 from neo_jax.catalog.residual import fit_residual_kmeans, residual_encode
@@ -255,6 +256,23 @@ def test_collaborative_embeddings_group_co_consumed_items():
     same = (np.arange(20)[:, None] // 10) == (np.arange(20)[None, :] // 10)
     assert similarity[same & ~np.eye(20, dtype=bool)].mean() > similarity[~same].mean() + 0.5
     assert np.allclose(embeddings[20], 0.0)  # nobody touched item 20
+
+
+def test_cooccurrence_embeddings_group_items_that_follow_each_other():
+    rng = np.random.default_rng(10)
+    # histories walk within one of two groups (items 0-9 or 10-19); item 20 is never seen
+    sequences = [rng.choice(10, size=6, replace=False) + 10 * (user % 2) for user in range(200)]
+    embeddings = cooccurrence_embeddings(sequences, 21, seed=0, config=CollabConfig(method="cooccurrence", dim=4))
+    assert embeddings.shape == (21, 4) and embeddings.dtype == np.float32
+    unit = embeddings[:20] / np.linalg.norm(embeddings[:20], axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    same = (np.arange(20)[:, None] // 10) == (np.arange(20)[None, :] // 10)
+    assert similarity[same & ~np.eye(20, dtype=bool)].mean() > similarity[~same].mean() + 0.5
+    assert np.allclose(embeddings[20], 0.0)
+    np.testing.assert_array_equal(embeddings, cooccurrence_embeddings(
+        sequences, 21, seed=0, config=CollabConfig(method="cooccurrence", dim=4)))
+    with pytest.raises(UserError, match="at least two items"):
+        cooccurrence_embeddings([np.array([3])], 21, seed=0, config=CollabConfig(method="cooccurrence", dim=4))
 
 
 def test_fusion_is_a_weighted_sum_of_cosines():

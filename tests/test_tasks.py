@@ -16,7 +16,8 @@ from neo_jax.data.splits import MIN_EVAL_LENGTH, leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.tasks.builders import (ANY_TYPE, TASK_FORMATS, TASKS, TEMPLATES, PromptHeader, TaskBuilder,
                                     TaskConfig, build_eval_examples, build_train_examples, load_sid_map,
-                                    parse_header, read_examples, window_spans, write_examples)
+                                    parse_header, random_window_spans, read_examples, window_spans,
+                                    write_examples)
 from neo_jax.errors import UserError
 from neo_jax.vocab import SID_CODE_PATTERN, format_sid
 
@@ -235,6 +236,28 @@ def test_window_spans_cover_every_item_once_newest_first(length, window):
     assert all(end - start == window for start, end in spans[1:])  # only the oldest span may be short
     if length:
         assert spans[-1][1] == length
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 60), st.integers(2, 25), st.integers(0, 2**31))
+def test_random_window_spans_are_as_many_windows_at_seeded_end_points(length, window, seed):
+    spans = random_window_spans(length, window, np.random.default_rng(seed))
+    assert len(spans) == len(window_spans(length, window))
+    assert all(0 <= start < end <= length and end - start == min(window, end) for start, end in spans)
+    assert all(end >= min(2, length) for _, end in spans)
+    assert spans == random_window_spans(length, window, np.random.default_rng(seed))
+
+
+def test_random_window_sampling_moves_the_windows_of_the_same_histories(dataset):
+    split = leave_one_out(dataset.interactions.sequences())
+    sid_map = toy_sid_map(dataset.catalog)
+    build = lambda sampling: build_train_examples(dataset, split, sid_map, TaskConfig(
+        tasks=("recommend",), window=4, window_sampling=sampling))
+    tiled, sampled = build("tile"), build("random")
+    assert len(tiled) == len(sampled)
+    assert sorted(e.completion for e in tiled) != sorted(e.completion for e in sampled)
+    with pytest.raises(UserError, match="unknown window sampling 'every'"):
+        TaskConfig(window=4, window_sampling="every")
 
 
 def test_window_examples_put_every_training_item_in_the_completion(dataset):

@@ -1,4 +1,6 @@
-"""Exact resume: a run stopped by SIGTERM and restarted equals the uninterrupted run, on any mesh."""
+"""Exact resume: a run stopped by SIGTERM and restarted equals the uninterrupted run, on any mesh.
+
+The runs train with dropout, so a resume must also draw the same dropout masks."""
 
 import json
 import os
@@ -19,7 +21,7 @@ from neo_jax.train.monitor import read_metrics
 from neo_jax.train.trainer import train
 from train_fixtures import tiny_config, write_dataset
 
-SETTINGS = ("steps=4", "eval.every_steps=2", "checkpoint.every_steps=100", "mesh.data=2", "mesh.fsdp=2",
+SETTINGS = ("steps=4", "dropout=0.2", "eval.every_steps=2", "checkpoint.every_steps=100", "mesh.data=2", "mesh.fsdp=2",
             "mesh.tensor=2")
 
 

@@ -56,6 +56,7 @@ class RecBenchConfig:
     embedding: EmbeddingConfig = EmbeddingConfig(source="fused", text_encoder="minilm")
     sids: SidConfig = SidConfig(codebook_sizes=(256, 256, 256), quantiser=QuantiserConfig(method="residual_kmeans"))
     window: int = 20  # history items per training window (and the prompt holds window - 1)
+    window_sampling: str = "tile"  # or random (`neo-jax data tasks --window-sampling`)
     text_vocab_size: int = 512  # at most this many sentencepiece pieces (the header text needs ~350)
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields replacing DEFAULT_MODEL's
     mesh: MeshConfig = MeshConfig()
@@ -63,6 +64,7 @@ class RecBenchConfig:
     learning_rate: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    dropout: float = 0.0  # on the decoder's embeddings and residual branches, training only
     batch_size: int = 16
     seq_len: int = 256
     beams: int = 20
@@ -165,7 +167,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     sids_summary = read_json_object(root / "sids" / "summary.json")
     clock.run("tasks", cli_step, PREFIX, "tasks", root / "tasks",
               ["data", "tasks", str(data_dir), str(root / "sids" / "sids.tsv"), str(root / "tasks"),
-               "--tasks", "recommend", "--window", str(config.window), "--seed", str(config.seed)])
+               "--tasks", "recommend", "--window", str(config.window), "--window-sampling",
+               config.window_sampling, "--seed", str(config.seed)])
     clock.run("tokenizer", cli_step, PREFIX, "tokenizer", root / "tokenizer",
               ["tokenizer", "build", str(root / "tokenizer"), "--sids", str(root / "sids"), "--train",
                str(root / "tasks"), "--vocab-size", str(config.text_vocab_size)])
@@ -177,7 +180,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
                                                   "vocab_size": config.text_vocab_size}))
     stage = StageSettings(stage="instruct", steps=config.steps, learning_rate=config.learning_rate,
                           batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, mesh=config.mesh,
-                          warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, log_every=50)
+                          warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+                          dropout=config.dropout, log_every=50)
     checkpoint = clock.run("train", train_stage, PREFIX, root / "train", stage, {"model_config": str(model_path)},
                            root / "records", root / "tokenizer")
     n_test = sum(1 for _ in (root / "tasks" / "test.jsonl").open(encoding="utf-8"))

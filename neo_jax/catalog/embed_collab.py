@@ -1,10 +1,16 @@
 """Collaborative item embeddings learned from interactions, and their fusion with text embeddings.
 
-`collaborative_embeddings` fits a matrix factorisation with the BPR loss (Rendle et al.
-2009): a user's score of an item is the dot product of their factors, trained so each
-observed (user, item) outscores a uniformly sampled item, with L2 regularisation, by
-Adam (optax) in one jitted `lax.scan`. The item factors are the embeddings; an item
-nobody interacted with gets a zero vector (it carries no collaborative signal).
+Two methods (`CollabConfig.method`):
+- `bpr`, user-item: `collaborative_embeddings` fits a matrix factorisation with the BPR loss
+  (Rendle et al. 2009): a user's score of an item is the dot product of their factors, trained
+  so each observed (user, item) outscores a uniformly sampled item, with L2 regularisation, by
+  Adam (optax) in one jitted `lax.scan`; the item factors are the embeddings.
+- `cooccurrence`, item-item: `cooccurrence_embeddings` counts how often two items stand within
+  `context` positions of each other in a history (weight 1/distance, both directions), turns
+  the counts into positive pointwise mutual information and keeps the top `dim` singular
+  directions (`U * sqrt(S)`, as word vectors from PPMI-SVD), so items that follow the same
+  items land close together: the next-item signal a SID prefix should share.
+An item nobody interacted with gets a zero vector (it carries no collaborative signal).
 
 `fuse_embeddings` joins several embeddings of the same items: each part is
 L2-normalised and scaled by the square root of its weight, then the parts are
@@ -16,19 +22,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.sparse
+import scipy.sparse.linalg
 
 from neo_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
 class CollabConfig:
+    method: Literal["bpr", "cooccurrence"] = "bpr"
     dim: int = 64
+    context: int = 3  # cooccurrence: items up to this many positions apart count
     epochs: int = 20  # passes over the events (in sampled batches)
     batch_size: int = 4096
     learning_rate: float = 0.01
@@ -82,6 +92,38 @@ def collaborative_embeddings(users: np.ndarray, items: np.ndarray, n_users: int,
                                     config=config)
     seen = np.bincount(items, minlength=n_items) > 0  # [n_items]
     return np.where(seen[:, None], np.asarray(item_factors), 0.0).astype(np.float32), np.asarray(losses)
+
+
+def cooccurrence_embeddings(sequences: Sequence[np.ndarray], n_items: int, seed: int,
+                            config: CollabConfig = CollabConfig()) -> np.ndarray:
+    """`[n_items, dim]` float32 PPMI-SVD embeddings of the items' co-occurrence in `sequences`
+    (catalog rows in time order, one array a user)."""
+    if config.dim < 1 or config.context < 1:
+        raise UserError(f"co-occurrence embeddings: dim and context must be positive, got {config}")
+    if config.dim >= n_items:
+        raise UserError(f"co-occurrence embeddings: dim {config.dim} must be below the {n_items} items")
+    rows, cols, weights = [], [], []
+    for seq in sequences:
+        seq = np.asarray(seq, np.int64)
+        for distance in range(1, min(config.context, len(seq) - 1) + 1):
+            rows += [seq[:-distance], seq[distance:]]
+            cols += [seq[distance:], seq[:-distance]]
+            weights += [np.full(2 * (len(seq) - distance), 1.0 / distance)]
+    if not rows:
+        raise UserError("co-occurrence embeddings need histories of at least two items, and there are none")
+    counts = scipy.sparse.coo_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))),
+                                     shape=(n_items, n_items)).tocsr()  # [n_items, n_items], duplicates summed
+    counts.setdiag(0)
+    counts.eliminate_zeros()
+    totals = np.asarray(counts.sum(axis=1)).ravel()  # [n_items]
+    coo = counts.tocoo()
+    pmi = np.log(coo.data * totals.sum() / (totals[coo.row] * totals[coo.col]))
+    keep = pmi > 0
+    ppmi = scipy.sparse.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=(n_items, n_items))
+    start = np.random.default_rng(seed).standard_normal(n_items)  # ARPACK's start vector, seeded
+    left, singular, _ = scipy.sparse.linalg.svds(ppmi, k=config.dim, v0=start)
+    embeddings = left * np.sqrt(singular)  # [n_items, dim]
+    return np.where((totals > 0)[:, None], embeddings, 0.0).astype(np.float32)
 
 
 def fuse_embeddings(parts: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:

@@ -18,7 +18,8 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from neo_jax.catalog.embed_collab import CollabConfig, collaborative_embeddings, fuse_embeddings
+from neo_jax.catalog.embed_collab import (CollabConfig, collaborative_embeddings, cooccurrence_embeddings,
+                                         fuse_embeddings)
 from neo_jax.catalog.embed_minilm import MiniLMConfig, minilm_embeddings
 from neo_jax.catalog.embed_text import (BackboneEncoderConfig, TextEncoderConfig, backbone_embeddings,
                                         hashed_tfidf_embeddings, load_backbone)
@@ -64,9 +65,11 @@ def _text_embeddings(dataset: Dataset, config: EmbeddingConfig, seed: int) -> np
 
 
 def _collaborative_embeddings(dataset: Dataset, config: EmbeddingConfig, seed: int) -> np.ndarray:
-    """BPR factors from the training part of each history only (leave-one-out), so that no
-    validation or test target shapes the SIDs the model is evaluated with."""
+    """BPR factors or co-occurrence embeddings from the training part of each history only
+    (leave-one-out), so that no validation or test target shapes the SIDs the model is evaluated with."""
     train_sequences = leave_one_out(dataset.interactions.sequences()).train_sequences
+    if config.collab.method == "cooccurrence":
+        return cooccurrence_embeddings(train_sequences, len(dataset.catalog), seed, config.collab)
     users = np.concatenate([np.full(len(seq), user, np.int32) for user, seq in enumerate(train_sequences)])  # [n_events]
     items = np.concatenate([np.asarray(seq, np.int32) for seq in train_sequences])  # [n_events]
     embeddings, _ = collaborative_embeddings(users, items, len(train_sequences), len(dataset.catalog), seed,

@@ -24,8 +24,8 @@ from neo_jax.data.schema import Dataset
 from neo_jax.data.splits import leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.data.writers import write_dataset, write_queries
-from neo_jax.tasks.builders import (TASKS, TaskConfig, build_eval_examples, build_train_examples, load_sid_map,
-                                    read_examples, write_examples)
+from neo_jax.tasks.builders import (TASKS, WINDOW_SAMPLING, TaskConfig, build_eval_examples, build_train_examples,
+                                    load_sid_map, read_examples, write_examples)
 from neo_jax.tasks.records import write_records
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import Progress
@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tasks.add_argument("--window", type=int, default=0,
                        help="next-item examples as windows of this many history items, the loss on every "
                             "item (0, the default: one prompt per prefix)")
+    tasks.add_argument("--window-sampling", choices=WINDOW_SAMPLING, default="tile",
+                       help="tile: windows cut each history from its newest end, every item a target once; "
+                            "random: as many windows at seeded random end points (default: tile)")
     tasks.add_argument("--max-search-targets", type=int, default=5, help="examples per search query")
     tasks.add_argument("--explain-fraction", type=float, default=0.2,
                        help="share of training sequences also written as explanations")
@@ -135,7 +138,7 @@ def _tasks(args: argparse.Namespace) -> dict:
     and the held-out search queries as queries_test.jsonl."""
     config = TaskConfig(tasks=tuple(t for t in args.tasks.split(",") if t), max_history=args.max_history,
                         max_search_targets=args.max_search_targets, explain_fraction=args.explain_fraction,
-                        window=args.window, seed=args.seed)
+                        window=args.window, window_sampling=args.window_sampling, seed=args.seed)
     dataset = load_dataset(args.data_dir)
     sid_map = load_sid_map(args.sids, dataset.catalog)
     split = leave_one_out(dataset.interactions.sequences())

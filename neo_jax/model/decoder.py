@@ -1,7 +1,8 @@
 """The decoder-only transformer (Llama / Qwen2 / Qwen3) in Flax NNX.
 
     model = Decoder(config, rngs=nnx.Rngs(0))
-    logits, _ = model(tokens, positions, segment_ids)               # full forward (training)
+    logits, _ = model(tokens, positions, segment_ids)               # full forward
+    logits, _ = model(tokens, positions, segment_ids, dropout=Dropout(key, rate=0.1))  # training
     cache = model.init_cache(batch, max_len)
     logits, cache = model(prompt, prompt_positions, prompt_segments, cache)   # prefill
     logits, cache = model(next_token, next_positions, None, cache)            # one step
@@ -32,7 +33,7 @@ from flax import nnx
 
 from neo_jax.model.config import ModelConfig
 from neo_jax.model.kv_cache import KVCache, SharedPromptCache, write_at
-from neo_jax.model.layers import (Attention, PromptKeys, RMSNorm, SwiGLU, attention_mask, make_param,
+from neo_jax.model.layers import (Attention, Dropout, PromptKeys, RMSNorm, SwiGLU, attention_mask, make_param,
                                   rope_inverse_frequencies)
 
 # Logit of a vocabulary padding row: never predicted, yet finite so sums stay finite.
@@ -46,15 +47,20 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", rngs)
         self.mlp = SwiGLU(config, rngs)
 
-    def __call__(self, x, positions, inv_freq, mask, cached_kv=None, prompt: PromptKeys | None = None):
-        """`x` `[batch, len, embed]` -> (same shape, (keys, values) this layer attended to, `prompt` aside)."""
+    def __call__(self, x, positions, inv_freq, mask, cached_kv=None, prompt: PromptKeys | None = None,
+                 dropout: Dropout | None = None, sites: tuple[int, int] = (0, 0)):
+        """`x` `[batch, len, embed]` -> (same shape, (keys, values) this layer attended to, `prompt` aside).
+
+        With `dropout`, the attention and MLP outputs are dropped (mask sites `sites`) before
+        they join the residual stream."""
+        drop = (lambda y, _: y) if dropout is None else dropout
         normed = self.input_norm(x)
         keys, values = self.attn.project_kv(normed, positions, inv_freq)  # [batch, len, kv_heads, head_dim]
         if cached_kv is not None:
             cache_keys, cache_values, end = cached_kv
             keys, values = write_at(cache_keys, keys, end), write_at(cache_values, values, end)
-        x = x + self.attn(normed, positions, inv_freq, keys, values, mask, prompt)
-        return x + self.mlp(self.post_attention_norm(x)), (keys, values)
+        x = x + drop(self.attn(normed, positions, inv_freq, keys, values, mask, prompt), sites[0])
+        return x + drop(self.mlp(self.post_attention_norm(x)), sites[1]), (keys, values)
 
 
 class Decoder(nnx.Module):
@@ -77,22 +83,25 @@ class Decoder(nnx.Module):
         return KVCache.create(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.compute_dtype)
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                      cache: KVCache | SharedPromptCache | None = None
+                      cache: KVCache | SharedPromptCache | None = None, dropout: Dropout | None = None
                       ) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
         """Final normed hidden states `[batch, len, embed]` and the updated cache (None without one).
 
         With a `SharedPromptCache` the rows are its sequences (`batch = requests * width`); the
-        new tokens go to their own generated cache and attend to the shared prompt too."""
+        new tokens go to their own generated cache and attend to the shared prompt too. With
+        `dropout` (training), the embeddings and every residual branch are dropped."""
         if isinstance(cache, SharedPromptCache):
             prompt_mask = cache.prompt.segment_ids != 0  # [requests, prompt_len]
             prompts = [PromptKeys(keys, values, prompt_mask)
                        for keys, values in zip(cache.prompt.keys, cache.prompt.values)]
-            hidden, generated = self._hidden_states(tokens, positions, segment_ids, cache.generated, prompts)
+            hidden, generated = self._hidden_states(tokens, positions, segment_ids, cache.generated, prompts,
+                                                    dropout)
             return hidden, cache.replace(generated=generated)
-        return self._hidden_states(tokens, positions, segment_ids, cache, [None] * self.config.num_layers)
+        return self._hidden_states(tokens, positions, segment_ids, cache, [None] * self.config.num_layers, dropout)
 
     def _hidden_states(self, tokens, positions, segment_ids, cache: KVCache | None,
-                       prompts: list[PromptKeys | None]) -> tuple[jax.Array, KVCache | None]:
+                       prompts: list[PromptKeys | None], dropout: Dropout | None
+                       ) -> tuple[jax.Array, KVCache | None]:
         batch, length = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
@@ -108,10 +117,13 @@ class Decoder(nnx.Module):
         inv_freq = rope_inverse_frequencies(self.config)
 
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.compute_dtype)  # [batch, len, embed]
+        if dropout is not None:
+            x = dropout(x, 0)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             cached_kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
-            x, (keys, values) = layer(x, positions, inv_freq, mask, cached_kv, prompts[i])
+            x, (keys, values) = layer(x, positions, inv_freq, mask, cached_kv, prompts[i], dropout,
+                                      (1 + 2 * i, 2 + 2 * i))
             new_keys.append(keys)
             new_values.append(values)
         hidden = self.final_norm(x)
@@ -130,8 +142,8 @@ class Decoder(nnx.Module):
         return logits
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCache | SharedPromptCache | None = None
+                 cache: KVCache | SharedPromptCache | None = None, dropout: Dropout | None = None
                  ) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
         """`(logits [batch, len, vocab] float32, updated cache or None)`."""
-        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, dropout)
         return self.logits(hidden), cache

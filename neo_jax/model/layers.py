@@ -79,6 +79,24 @@ def attention_mask(query_segments: jax.Array, query_slots: jax.Array,
 
 
 @struct.dataclass
+class Dropout:
+    """Training-time dropout: each call site `site` draws its own mask from `key`.
+
+    Masks keep a value with probability `1 - rate` and scale it by `1 / (1 - rate)`, so
+    expectations are unchanged; a model called without a `Dropout` is deterministic.
+    """
+
+    key: jax.Array  # a PRNG key, one per step (and micro-batch)
+    rate: float = struct.field(pytree_node=False, default=0.0)
+
+    def __call__(self, x: jax.Array, site: int) -> jax.Array:
+        if self.rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(jax.random.fold_in(self.key, site), 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+@struct.dataclass
 class PromptKeys:
     """One layer's keys and values of a prompt shared by several sequences (see `SharedPromptCache`)."""
 

@@ -196,6 +196,9 @@ def load_sid_map(path: str | Path, catalog: Catalog) -> SidMap:
 
 # -- building examples ------------------------------------------------------------------------
 
+WINDOW_SAMPLING = ("tile", "random")
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     tasks: tuple[str, ...] = TASKS
@@ -203,6 +206,7 @@ class TaskConfig:
     max_search_targets: int = 5  # examples per query (one per relevant item)
     explain_fraction: float = 0.2  # share of training sequence examples also written as explanations
     window: int = 0  # > 0: next-item examples are windows of this many items (0: one prompt per prefix)
+    window_sampling: str = "tile"  # tile: windows cover each history; random: as many, at random end points
     seed: int = 0
 
     def __post_init__(self):
@@ -213,6 +217,8 @@ class TaskConfig:
             raise UserError("max_history and max_search_targets must be positive, explain_fraction in [0, 1]")
         if self.window == 1 or self.window < 0:
             raise UserError(f"window must be 0 (one prompt per prefix) or at least 2 items, got {self.window}")
+        if self.window_sampling not in WINDOW_SAMPLING:
+            raise UserError(f"unknown window sampling {self.window_sampling!r}; choose one of {list(WINDOW_SAMPLING)}")
 
 
 class TaskBuilder:
@@ -345,6 +351,15 @@ def window_spans(length: int, window: int) -> list[tuple[int, int]]:
     return [(max(0, end - window), end) for end in range(length, 0, -window)][::-1]
 
 
+def random_window_spans(length: int, window: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """As many spans as `window_spans` gives, each ending at a uniform random point of
+    `[2, length]` (a history of one item: that item), at most `window` long, oldest first.
+    Items near the newest end are targets more often than with tiling, the oldest less."""
+    count = len(window_spans(length, window))
+    ends = np.sort(rng.integers(min(2, length), length + 1, size=count))  # [count]
+    return [(max(0, int(end) - window), int(end)) for end in ends]
+
+
 def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: SidMap, config: TaskConfig,
                          queries: Queries | None = None) -> list[TaskExample]:
     """Training examples of every task in `config.tasks`, in a seeded random order.
@@ -358,8 +373,10 @@ def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: Sid
     builder = TaskBuilder(dataset.catalog, sid_map, config, rng)
     tasks, examples = set(config.tasks), []
     if "recommend" in tasks and config.window:
+        spans = ((lambda n: window_spans(n, config.window)) if config.window_sampling == "tile"
+                 else (lambda n: random_window_spans(n, config.window, rng)))
         examples += [builder.window(seq[start:end]) for seq in split.train_sequences
-                     for start, end in window_spans(len(seq), config.window)]
+                     for start, end in spans(len(seq))]
     elif "recommend" in tasks:
         examples += [builder.recommend(e.history, e.target) for e in split.train]
     if "explain" in tasks:

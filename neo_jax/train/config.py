@@ -122,6 +122,7 @@ class TrainConfig:
     seq_len: int = 512
     grad_accum_steps: int = 1  # the batch is split into this many micro-batches
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # weights stay float32
+    dropout: float = 0.0  # on the embeddings and every residual branch, training only
     seed: int = 0
     log_every: int = 10
     mfu: bool = True  # measure this machine's matmul FLOP/s once and report MFU
@@ -151,6 +152,8 @@ def check_settings(config: TrainConfig) -> None:
                         f"{config.grad_accum_steps}")
     if config.seq_len < 2:
         raise UserError(f"seq_len must be at least 2, got {config.seq_len}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise UserError(f"dropout must be in [0, 1), got {config.dropout}")
     opt = config.optimizer
     if opt.learning_rate <= 0 or opt.warmup_steps < 0 or not 0 <= opt.end_lr_ratio <= 1 or opt.clip_norm < 0:
         raise UserError("optimizer: learning_rate must be positive, warmup_steps and clip_norm non-negative, "

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from neo_jax.model.layers import Dropout
 from neo_jax.model.loss import masked_cross_entropy
 from neo_jax.sharding import batch_sharding
 from neo_jax.train.stages import Params, StagePlan, apply_masked_updates, partition
@@ -49,10 +50,11 @@ def train_state_shardings(abstract_state: TrainState, param_shardings: Params, p
 
 
 def _loss_sum(trainable: Params, frozen: Params, batch: Batch, graphdef: nnx.GraphDef,
-              plan: StagePlan) -> tuple[jax.Array, jax.Array]:
+              plan: StagePlan, dropout: Dropout | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of completion-token losses, number of completion tokens) of one batch."""
     model = nnx.merge(graphdef, plan.params(trainable, frozen))
-    logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [batch, len, vocab]
+    logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"],
+                      dropout=dropout)  # [batch, len, vocab]
     mean, weight = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return mean * weight, weight
 
@@ -78,8 +80,12 @@ class StepFunctions:
 
 def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransformation, masks: Params,
                schedule: optax.Schedule, grad_accum_steps: int, state_shardings: TrainState,
-               mesh: Mesh) -> StepFunctions:
-    """The jitted train step (donates its state) and eval step."""
+               mesh: Mesh, dropout: float = 0.0, seed: int = 0) -> StepFunctions:
+    """The jitted train step (donates its state) and eval step.
+
+    With `dropout` > 0 the train step drops the model's embeddings and residual branches at
+    that rate, its masks drawn from `seed`, the step and the micro-batch index: a resumed run
+    draws the same masks. The eval step never drops."""
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_in = batch_sharding(mesh, 2)
     loss_and_grad = jax.value_and_grad(_loss_sum, has_aux=True)
@@ -87,14 +93,18 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
     def train_step(state: TrainState, batch: Batch):
         trainable, frozen = state["trainable"], state["frozen"]
 
-        def accumulate(carry, micro: Batch):
+        step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
+
+        def accumulate(carry, indexed: tuple[jax.Array, Batch]):
             grad_sum, loss_sum, weight_sum = carry
-            (loss, weight), grads = loss_and_grad(trainable, frozen, micro, graphdef, plan)
+            index, micro = indexed
+            drop = Dropout(jax.random.fold_in(step_key, index), rate=dropout) if dropout else None
+            (loss, weight), grads = loss_and_grad(trainable, frozen, micro, graphdef, plan, drop)
             return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, weight_sum + weight), None
 
         zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grad_sum, loss_sum, weight_sum), _ = jax.lax.scan(
-            accumulate, zeros, _micro_batches(batch, grad_accum_steps, mesh))
+            accumulate, zeros, (jnp.arange(grad_accum_steps), _micro_batches(batch, grad_accum_steps, mesh)))
         denominator = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         updates, opt = tx.update(grads, state["opt"], trainable)

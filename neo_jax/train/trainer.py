@@ -215,7 +215,7 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
         state = jax.jit(init_state, out_shardings=shardings)(_initial_params(config, model_config, layout, mesh))
 
     steps = make_steps(graphdef, plan, tx, masks, learning_rate_schedule(config.optimizer, config.steps),
-                       config.grad_accum_steps, shardings, mesh)
+                       config.grad_accum_steps, shardings, mesh, config.dropout, config.seed)
     flops_per_token = train_flops_per_token(matmul_params(abstract_params), model_config.num_layers,
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
