@@ -122,13 +122,15 @@ def test_beam_search_sharded_on_8_devices_equals_one_device(setup, random_decode
     _, catalog, constraint, _ = setup
     prompts = PROMPTS + [(5, 4)]  # a batch of 4 splits over data x fsdp = 4
     packed = pack_prompts(prompts, max_context=32, max_new_tokens=10, vocab_limit=LAYOUT.size)
-    requests_on_device = sid_requests(
-        catalog.trie, LAYOUT, constraint.tables, entity_types=[None] * 4,
-        output_formats=["mixed", "ids", "text", "ids"], beam_size=3)
-    constraint = SidConstraint.create(constraint.tables, requests_on_device, LAYOUT, EOS_ID)
     settings = DecodeSettings("beam", max_new_tokens=10, beam_size=3, alpha=0.6)
     results = []
     for mesh in (make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), make_mesh(MeshConfig(), jax.devices()[:1])):
+        tables = SidTables.from_trie(catalog.trie, LAYOUT, mesh)  # replicated on the mesh once
+        assert all(leaf.sharding.is_fully_replicated and leaf.sharding.device_set == set(mesh.devices.flat)
+                   for leaf in jax.tree.leaves(tables))
+        requests_on_device = sid_requests(catalog.trie, LAYOUT, tables, entity_types=[None] * 4,
+                                          output_formats=["mixed", "ids", "text", "ids"], beam_size=3)
+        constraint = SidConstraint.create(tables, requests_on_device, LAYOUT, EOS_ID)
         results.append(decode(random_decoder(CONFIG, mesh, seed=5), packed, constraint, settings, EOS_ID, mesh))
     sharded, single = results
     assert len(sharded.tokens.sharding.device_set) == 8

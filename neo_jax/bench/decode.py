@@ -136,7 +136,7 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, n_items: int, promp
     start = time.perf_counter()
     codes = synthetic_codes(n_items, args.levels, args.codebook_size, args.seed)
     trie = build_trie(codes, np.zeros(n_items, np.int32), (args.levels,))
-    tables = SidTables.from_trie(trie, layout)
+    tables = SidTables.from_trie(trie, layout, mesh)
     requests = sid_requests(trie, layout, tables, entity_types=[None] * args.batch,
                             output_formats=["ids"] * args.batch, beam_size=args.beams)
     constrained = SidConstraint.create(tables, requests, layout, EOS_ID)

@@ -279,7 +279,7 @@ class Generator:
                             f"needs {layout.size}; use the tokenizer the model was trained with")
         self.model, self.tokenizer, self.sids, self.eos_id = model, tokenizer, sids, int(eos_id)
         self.titles, self.mesh = titles, mesh
-        self.tables = SidTables.from_trie(sids.trie, layout)
+        self.tables = SidTables.from_trie(sids.trie, layout, mesh)
         self.row_of_id = {item_id: row for row, item_id in enumerate(sids.item_ids)}
 
     def with_model(self, model: Decoder) -> "Generator":

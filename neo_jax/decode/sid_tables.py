@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from neo_jax.catalog.table import ROOT, SidTrie, node_tokens
 from neo_jax.vocab import VocabLayout
@@ -45,7 +46,11 @@ class SidTables:
     sid_start: int = flax.struct.field(pytree_node=False)  # first SID token id
 
     @classmethod
-    def from_trie(cls, trie: SidTrie, layout: VocabLayout) -> "SidTables":
+    def from_trie(cls, trie: SidTrie, layout: VocabLayout, mesh: Mesh | None = None) -> "SidTables":
+        """The tables on the default device, or with `mesh` replicated on every device of it once,
+        so a decode over the mesh reads them locally instead of copying them in at every call."""
+        placement = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        put = lambda array: jax.device_put(np.asarray(array), placement)  # noqa: E731
         tokens = node_tokens(trie, layout)  # [num_nodes]; also checks the layout matches the trie
         block_sizes = tuple(int(s) for t in layout.entity_types for s in t.codebook_sizes)
         words = -(-max(block_sizes) // WORD_BITS)
@@ -54,15 +59,15 @@ class SidTables:
         root_child = np.full(layout.sid_end - layout.sid_start, -1, np.int32)  # [sid_tokens]
         root_child[tokens[root_children] - layout.sid_start] = root_children
         return cls(
-            child_start=jnp.asarray(trie.child_start, jnp.int32),
-            child_bits=jnp.asarray(child_bits),
-            child_block=jnp.asarray(child_block),
-            node_code=jnp.asarray(trie.node_code, jnp.int32),
-            subtree_lo=jnp.asarray(trie.subtree_lo, jnp.int32),
-            subtree_hi=jnp.asarray(trie.subtree_hi, jnp.int32),
-            root_token=jnp.asarray(tokens[root_children], jnp.int32),
-            root_type=jnp.asarray(trie.node_type[root_children], jnp.int32),
-            root_child=jnp.asarray(root_child),
+            child_start=put(np.asarray(trie.child_start, np.int32)),
+            child_bits=put(child_bits),
+            child_block=put(child_block),
+            node_code=put(np.asarray(trie.node_code, np.int32)),
+            subtree_lo=put(np.asarray(trie.subtree_lo, np.int32)),
+            subtree_hi=put(np.asarray(trie.subtree_hi, np.int32)),
+            root_token=put(np.asarray(tokens[root_children], np.int32)),
+            root_type=put(np.asarray(trie.node_type[root_children], np.int32)),
+            root_child=put(root_child),
             block_sizes=block_sizes,
             block_offsets=tuple(tuple(row) for row in layout.block_offsets()),
             sid_start=layout.sid_start,
