@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("neo_jax.hf.commands_import", "import a Hugging Face (safetensors) or GGUF checkpoint"),
     "train": ("neo_jax.train.commands", "train a stage (SID grounding or instruction tuning) on a device mesh"),
     "generate": ("neo_jax.decode.commands", "decode prompts with SID-constrained beam search or sampling"),
-    "eval": ("neo_jax.eval.commands", "evaluate a checkpoint: Recall/NDCG@K of next-item recommendation"),
+    "eval": ("neo_jax.eval.commands", "evaluate a checkpoint: recommendation Recall/NDCG@K, the language side"),
     "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
     "plot": ("neo_jax.plot", "write PNG training curves of a run directory"),
     "report": ("neo_jax.report", "a Markdown page with PNG plots of a bench rec, quickstart or train run directory"),

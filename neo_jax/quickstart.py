@@ -3,7 +3,8 @@
     generated multi-type catalog -> item embeddings -> SIDs + trie -> task examples ->
     tokenizer -> ArrayRecord shards -> stage 2 SID grounding -> stage 3 instruction tuning ->
     constrained beam search on held-out users -> Recall/NDCG@K (with a popularity baseline
-    of the same users in the same run)
+    of the same users in the same run) -> SID-to-text accuracy, steerability and valid-SID rate
+    with the constraint off, held-out text perplexity before (grounded) and after tuning
 
 With `data=DIR` (a `neo-jax data` directory or the Amazon 2014 layout) the same path runs on
 that data instead of a generated catalog, e.g. `neo-jax quickstart --config
@@ -13,7 +14,7 @@ items (the benchmark protocol) instead of the validation ones.
 Every step writes its own directory under `out`; running again skips finished steps and
 resumes an interrupted training stage from its last checkpoint. Each step is also an
 ordinary command (`neo-jax data synth`, `sids build`, `data tasks`, `tokenizer build`,
-`data records`, `train`, `eval recommend`); the quickstart prints them as it goes, so the
+`data records`, `train`, `eval recommend`, `eval language`); the quickstart prints them as it goes, so the
 same run can be reproduced by hand. Settings: `key=value` overrides of `QuickstartConfig`,
 e.g. `instruct_steps=2000 eval_users=1000 out=runs/qs2`.
 """
@@ -66,9 +67,11 @@ class QuickstartConfig:
     instruct_steps: int = 800
     instruct_lr: float = 3e-3
     eval_split: str = "valid"  # `valid` or `test`: which held-out item of each user is scored
-    eval_users: int = 300  # users decoded at the end (0: all)
+    eval_users: int = 300  # users decoded at the end, a seeded sample (0: all)
     exclude_history: bool = False  # rank no item the user already has (model and popularity alike)
     beams: int = 10
+    language_items: int = 100  # items described for SID-to-text accuracy (0: all)
+    language_users: int = 50  # prompts for steerability without the constraint (0: all)
 
 
 PREFIX = "quickstart"
@@ -139,22 +142,31 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     tuned = _train_stage(config, root, "instruct", {"checkpoint": str(grounded)}, root / "records_tasks",
                          config.instruct_steps, config.instruct_lr)
 
+    from neo_jax.checkpoint import load_model
     from neo_jax.decode.commands import load_generator
-    from neo_jax.eval.recommend import evaluate_recommendations, target_rows
+    from neo_jax.eval.language import HELDOUT_TEXT, evaluate_language, read_text_lines
+    from neo_jax.eval.recommend import evaluate_recommendations, sample_examples, target_rows
     from neo_jax.sharding import make_mesh
 
     examples_path = root / "tasks" / f"{config.eval_split}.jsonl"
-    examples = read_examples(examples_path)
-    examples = examples[: config.eval_users] if config.eval_users else examples
+    all_examples = read_examples(examples_path)
+    examples = sample_examples(all_examples, config.eval_users, config.seed)
     say(PREFIX, f"eval: neo-jax eval recommend --ckpt {tuned} --sids {root / 'sids'} --tokenizer {root / 'tokenizer'} "
-         f"--examples {examples_path} --beams {config.beams} --limit {len(examples)}"
+         f"--examples {examples_path} --beams {config.beams} --limit {len(examples)} --seed {config.seed}"
          + (" --exclude-history" if config.exclude_history else ""))
-    generator = load_generator(tuned, root / "sids", make_mesh(config.mesh), root / "tokenizer")
+    mesh = make_mesh(config.mesh)
+    generator = load_generator(tuned, root / "sids", mesh, root / "tokenizer")
     model_metrics = evaluate_recommendations(generator, examples, beams=config.beams,
                                              exclude_history=config.exclude_history)
+    say(PREFIX, f"eval: neo-jax eval language --ckpt {tuned} --base-ckpt {grounded} --sids {root / 'sids'} "
+         f"--tokenizer {root / 'tokenizer'} --data {data_dir} --examples {examples_path} "
+         f"--items {config.language_items} --users {config.language_users} --seed {config.seed}")
+    language = evaluate_language(generator, load_dataset(data_dir).catalog, all_examples,
+                                 read_text_lines(HELDOUT_TEXT), load_model(grounded, mesh),
+                                 items=config.language_items, users=config.language_users, seed=config.seed)
     histories = [{generator.row_of_id[i] for i in e.history} for e in examples] if config.exclude_history else None
     result = {"out": str(root), "eval_split": config.eval_split, "users": len(examples),
-              "exclude_history": config.exclude_history, "model": model_metrics,
+              "exclude_history": config.exclude_history, "model": model_metrics, "language": language,
               "popularity_baseline": popularity_baseline(data_dir, target_rows(examples, generator),
                                                          [e.entity_type for e in examples], config.beams, histories),
               "checkpoint": str(tuned)}

@@ -37,6 +37,32 @@ def test_every_step_writes_its_output_and_metrics_are_ranking_figures(quickstart
     assert model["beams_naming_an_item"] == 1.0  # ID mode under the constraint: every beam is a catalog item
 
 
+def test_language_figures_are_shares_and_perplexities(quickstart):
+    _, result = quickstart
+    language = result["language"]
+    assert language["sid_to_text"]["items"] == 100  # language_items, of 200 generated items
+    assert 0.0 <= language["sid_to_text"]["exact_match"] <= language["sid_to_text"]["word_f1"] <= 1.0
+    unconstrained = language["unconstrained"]
+    assert unconstrained["prompts"] == 50 and unconstrained["beams"] == 5
+    for name in ("asked_type", "asked_format", "valid_sid_rate", "asked_format.ids", "asked_format.text",
+                 "asked_format.mixed"):
+        assert 0.0 <= unconstrained[name] <= 1.0, name
+    for name in ("perplexity", "perplexity_before"):
+        assert language[name]["texts"] == 40 and language[name]["perplexity"] > 1.0
+
+
+def test_eval_language_command_reproduces_the_quickstart_figures(quickstart, capsys):
+    out, result = quickstart
+    code = main(["eval", "language", "--ckpt", result["checkpoint"], "--base-ckpt", str(out / "train_grounding" / "final"),
+                 "--sids", str(out / "sids"), "--tokenizer", str(out / "tokenizer"), "--data", str(out / "data"),
+                 "--examples", str(out / "tasks" / "valid.jsonl"), "--items", "100", "--users", "50"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("sid_to_text", "unconstrained", "perplexity_before"):
+        assert printed[name] == pytest.approx(result["language"][name]), name
+    assert printed["perplexity"]["perplexity"] == pytest.approx(result["language"]["perplexity"]["perplexity"])
+
+
 def test_second_run_skips_finished_steps(quickstart, capsys):
     out, result = quickstart
     assert main(["quickstart", f"out={out}", *SMALL]) == 0
