@@ -186,8 +186,10 @@ def parse_overrides(cls: type, overrides: list[str]) -> dict[str, Any]:
             parsed = yaml.safe_load(raw)
             if not isinstance(parsed, str) and parsed is not None:
                 value = parsed
-        except yaml.YAMLError:
-            pass
+        except yaml.YAMLError as e:
+            if raw.lstrip()[:1] in ("[", "{"):  # meant as a list or mapping: say why it is not one
+                raise ConfigError(f"override '{item}': not a valid YAML list or mapping "
+                                  f"({getattr(e, 'problem', None) or 'unclosed bracket'})") from None
         _set_dotted(tree, key, value)
     return tree
 
@@ -212,7 +214,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

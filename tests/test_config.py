@@ -42,6 +42,7 @@ def test_yaml_then_overrides(tmp_path):
     ("steps=1.5", "steps: expected an integer"),
     ("bf16=maybe", "bf16: expected true or false"),
     ("steps", "is not of the form key=value"),
+    ("levels=[8,8", r"override 'levels=\[8,8': not a valid YAML list or mapping \(expected ',' or '\]'"),
 ])
 def test_bad_override_names_the_setting(override, message):
     with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("'", "'")):
@@ -53,6 +54,15 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
     path.write_text("optim:\n  warmup_step: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown setting 'optim.warmup_step'; did you mean 'warmup_steps'"):
         load_config(Example, path)
+
+
+def test_invalid_yaml_is_one_line_with_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("steps: 3\nlevels: [1, 2\nbf16: true\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(Example, path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:3:5: not valid YAML (") and "\n" not in message
 
 
 def test_missing_file_and_non_mapping(tmp_path):

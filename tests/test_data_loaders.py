@@ -58,6 +58,14 @@ def test_items_tsv_default_type_and_inline_embeddings(tmp_path):
     assert catalog.embeddings.dtype == np.float32
 
 
+@pytest.mark.parametrize("name", ["items.jsonl", "items.tsv"])
+def test_byte_order_mark_and_crlf_line_ends_are_accepted(tmp_path, name):
+    text = (jsonl({"item_id": "x", "title": "One"}, {"item_id": "y", "title": "Two"}) if name.endswith(".jsonl")
+            else "item_id\ttitle\nx\tOne\ny\tTwo\n")
+    catalog = load_items(write(tmp_path / name, b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8")))
+    assert catalog.item_ids == ["x", "y"] and catalog.texts["title"] == ["One", "Two"]
+
+
 def test_interactions_time_order_feedback_and_iso_dates(tmp_path, catalog):
     events = load_interactions(write(tmp_path / "interactions.tsv",
                                      "user_id\titem_id\ttimestamp\tfeedback\trating\n"

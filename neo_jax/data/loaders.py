@@ -38,7 +38,8 @@ _FEEDBACK_VALUES = {"positive": POSITIVE, "pos": POSITIVE, "1": POSITIVE,
 # -- reading lines and records ----------------------------------------------------------------
 
 def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """`(line number, text)` of each non-blank line, decoded as strict UTF-8."""
+    """`(line number, text)` of each non-blank line, decoded as strict UTF-8 (a leading byte-order
+    mark and CRLF line ends are accepted)."""
     try:
         handle = path.open("rb")
     except FileNotFoundError:
@@ -50,6 +51,8 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as e:
                 raise UserError(f"{path}:{line_number}: not valid UTF-8 text "
                                 f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            if line_number == 1:
+                text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark, as some editors write
             text = text.rstrip("\r\n")
             if text.strip():
                 yield line_number, text
