@@ -272,6 +272,17 @@ def test_tasks_command_leaves_no_partial_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "sids.tsv"]
 
 
+
+def test_tasks_command_refuses_data_with_no_user_of_three_items(tmp_path, capsys):
+    write(tmp_path / "items.jsonl", ITEMS)
+    write(tmp_path / "interactions.jsonl", jsonl({"user_id": "u", "item_id": "a", "timestamp": 1},
+                                                 {"user_id": "u", "item_id": "b", "timestamp": 2}))
+    write(tmp_path / "sids.tsv", "item_id\tentity_type\tlevel_0\na\titem\t0\nb\titem\t1\n")
+    assert cli.main(["data", "tasks", str(tmp_path), str(tmp_path / "sids.tsv"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no valid or test examples" in err and "0 of 1 users" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
 # -- the download script, with its downloads served locally -------------------------------------
 
 def test_fetch_script_writes_the_loader_layout(tmp_path, monkeypatch):

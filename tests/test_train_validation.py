@@ -11,6 +11,7 @@ from neo_jax.catalog.sid_output import SidOutput, write_sid_output
 from neo_jax.catalog.table import build_trie
 from neo_jax.config import MeshConfig
 from neo_jax.decode.commands import load_generator
+from neo_jax.errors import UserError
 from neo_jax.eval.recommend import evaluate_recommendations, target_rows
 from neo_jax.sharding import make_mesh
 from neo_jax.tasks.builders import TaskExample, read_examples, write_examples
@@ -99,3 +100,17 @@ def test_excluding_all_but_ten_items_of_the_type_ranks_exactly_those_ten(recall_
     metrics = evaluate_recommendations(generator, with_history, beams=10, batch_size=4, show_progress=False,
                                        exclude_history=True)
     assert metrics["recall@10"] == 1.0 and metrics["beams_naming_an_item"] == 1.0
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("Recommend the next product.", "evaluation example 1: prompt does not start with a header line"),
+    ("task: recommend | type: product | format: mixed\nHistory: ...", "needs the 'ids' output format"),
+])
+def test_examples_without_an_ids_header_are_refused(recall_run, prompt, message):
+    root, config, result = recall_run
+    generator = load_generator(result.final_dir, root / "sids", make_mesh(MeshConfig(), jax.devices()[:1]),
+                               config.data.tokenizer)
+    examples = read_examples(root / "valid.jsonl")[:2]
+    examples[1] = dataclasses.replace(examples[1], prompt=prompt)
+    with pytest.raises(UserError, match=message):
+        evaluate_recommendations(generator, examples, beams=10, show_progress=False)

@@ -24,6 +24,7 @@ from neo_jax.data.schema import Dataset
 from neo_jax.data.splits import leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.data.writers import write_dataset, write_queries
+from neo_jax.errors import UserError
 from neo_jax.tasks.builders import (TASKS, WINDOW_SAMPLING, TaskConfig, build_eval_examples, build_train_examples,
                                     load_sid_map, read_examples, write_examples)
 from neo_jax.tasks.records import write_records
@@ -150,6 +151,12 @@ def _tasks(args: argparse.Namespace) -> dict:
         "valid": build_eval_examples(dataset, split.valid, sid_map, config),
         "test": build_eval_examples(dataset, split.test, sid_map, config),
     }
+    empty = [name for name, split_examples in examples.items() if not split_examples]
+    if empty:
+        sequences = dataset.interactions.sequences()
+        raise UserError(f"{args.data_dir}: no {' or '.join(empty)} examples: leave-one-out needs users with at least "
+                        f"3 positive items (test, validation, training); {sum(len(s) >= 3 for s in sequences)} of "
+                        f"{len(sequences)} users have them")
     summary = {"out_dir": str(args.out_dir),
                "examples": {name: len(split_examples) for name, split_examples in examples.items()},
                "train_examples_per_task": dict(collections.Counter(e.task for e in examples["train"])),

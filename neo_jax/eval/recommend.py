@@ -20,7 +20,7 @@ from neo_jax.decode.generate import DecodeSettings, Generator
 from neo_jax.errors import UserError
 from neo_jax.eval.metrics import ranking_metrics
 from neo_jax.model.decoder import Decoder
-from neo_jax.tasks.builders import TaskExample
+from neo_jax.tasks.builders import TaskExample, parse_header
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import Progress
 from neo_jax.vocab import SID_CODE_PATTERN
@@ -78,8 +78,14 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
     of the beams."""
     if not examples:
         raise UserError("no evaluation examples")
-    if any(e.output_format != "ids" for e in examples):
-        raise UserError("recommendation evaluation needs examples in the 'ids' output format")
+    for index, example in enumerate(examples):
+        try:  # a prompt without a header would be decoded as free text
+            header = parse_header(example.prompt)
+        except UserError as error:
+            raise UserError(f"evaluation example {index}: {error}") from None
+        if header.output_format != "ids" or example.output_format != "ids":
+            raise UserError(f"evaluation example {index}: recommendation evaluation needs the 'ids' output "
+                            f"format, its prompt asks for {header.output_format!r}")
     ks = tuple(k for k in ks if k <= beams)
     if not ks:
         raise UserError(f"beams ({beams}) must be at least the smallest K")
