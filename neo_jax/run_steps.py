@@ -56,6 +56,8 @@ class StageSettings:
     warmup_steps: int | None = None  # default: a tenth of the steps
     weight_decay: float | None = None  # default: 0 for grounding, 0.1 otherwise
     dropout: float = 0.0
+    unlikelihood: float = 0.0  # weight of the history unlikelihood term (`TrainConfig.unlikelihood`)
+    compute_dtype: str = "float32"  # or bfloat16 (an accelerator); the weights stay float32
     evaluations: int = 4  # validation losses (and checkpoints) over the run
     eval_batches: int = 4
     log_every: int = 10
@@ -76,6 +78,7 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
         "data": {"records_dir": str(records), "tokenizer": str(tokenizer)},
         "mesh": dataclasses.asdict(settings.mesh), "steps": settings.steps, "batch_size": settings.batch_size,
         "seq_len": settings.seq_len, "log_every": settings.log_every, "dropout": settings.dropout,
+        "compute_dtype": settings.compute_dtype, "unlikelihood": settings.unlikelihood,
         "optimizer": {"learning_rate": settings.learning_rate,
                       "warmup_steps": (max(1, settings.steps // 10) if settings.warmup_steps is None
                                        else settings.warmup_steps),

@@ -122,6 +122,14 @@ class VocabLayout:
             table[i, : len(row)] = row
         return table
 
+    def code_level_table(self) -> np.ndarray:
+        """`[padded_size]` int32: the SID level of each token id, -1 for text, special and padding ids."""
+        table = np.full(self.padded_size, -1, np.int32)
+        for t, row in enumerate(self.block_offsets()):
+            for level, offset in enumerate(row):
+                table[offset:offset + self.entity_types[t].codebook_sizes[level]] = level
+        return table
+
     def sid_token(self, entity_type: str | int, level: int, code: int) -> int:
         t = entity_type if isinstance(entity_type, int) else self.type_index(entity_type)
         sizes = self.entity_types[t].codebook_sizes

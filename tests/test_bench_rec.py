@@ -53,12 +53,64 @@ def test_rerun_skips_finished_phases(bench, capsys):
     assert again["protocols"]["history_kept"]["popularity"] == result["protocols"]["history_kept"]["popularity"]
 
 
+def test_a_pretrained_backbone_is_grounded_then_tuned(tmp_path, tiny_hf_model):
+    """`backbone=DIR`: the imported model's own tokenizer, a grounding stage that changes only the
+    new rows, then a tuning stage from it; every beam still names a catalog item."""
+    import shutil
+
+    import numpy as np
+
+    import jax
+
+    from neo_jax.checkpoint import load_model
+    from neo_jax.config import MeshConfig
+    from neo_jax.sharding import make_mesh
+    from neo_jax.tokenizer import train_sentencepiece
+
+    def weights(directory):  # (embedding rows, the first layer's query kernel)
+        model = load_model(directory, make_mesh(MeshConfig(), jax.devices()[:1]))
+        return np.asarray(model.embed_tokens[...]), np.asarray(model.layers[0].attn.q_kernel[...])
+
+    assert main(["data", "synth", str(tmp_path / "data"), "--num-items", "150", "--num-users", "50",
+                 "--num-queries", "5"]) == 0
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tiny_hf_model("llama_tied_mqa"), hf_dir)  # vocabulary 300, context 64
+    # the backbone's own tokenizer: at most its 300 rows (256 byte pieces and the header's few characters)
+    train_sentencepiece(["task: recommend | type: product | format: ids"] * 20, 300, hf_dir / "tokenizer.model")
+    assert main(["import-hf", str(hf_dir), str(tmp_path / "backbone")]) == 0
+    settings = [f"out={tmp_path / 'run'}", *SMALL, f"backbone={tmp_path / 'backbone'}", "grounding_steps=2",
+                "steps=2", "seq_len=60", "window=4", "baselines=[popularity]"]
+    result = run_bench(load_config(RecBenchConfig, None, settings), tmp_path / "data")
+    assert result["valid_item_rate"] == {"history_kept": 1.0, "history_excluded": 1.0}
+    assert {"train grounding", "train"} <= set(result["phase_seconds"])
+    (backbone_rows, backbone_q), (grounded_rows, grounded_q) = weights(tmp_path / "backbone"), weights(
+        tmp_path / "run" / "train_grounding" / "final")
+    text_rows = backbone_rows.shape[0]  # the pre-trained rows, before the SID rows were added
+    assert grounded_rows.shape[0] > text_rows
+    np.testing.assert_array_equal(grounded_rows[:text_rows], backbone_rows)
+    np.testing.assert_array_equal(grounded_q, backbone_q)
+    assert not np.array_equal(grounded_rows[text_rows:], np.zeros_like(grounded_rows[text_rows:]))
+    tuned_q = weights(tmp_path / "run" / "train" / "final")[1]
+    assert not np.array_equal(tuned_q, backbone_q)
+
+
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(UserError, match="beams"):
         run_bench(load_config(RecBenchConfig, None, [f"out={tmp_path}", "beams=5", "ks=[10]"]), tmp_path)
     with pytest.raises(UserError, match="unknown baseline"):
         run_bench(load_config(RecBenchConfig, None, [f"out={tmp_path}", "baselines=[bpr]"]), tmp_path)
+    with pytest.raises(UserError, match=r"backbone .*nope: no model_config.json, params, tokenizer; import"):
+        run_bench(load_config(RecBenchConfig, None, [f"out={tmp_path}", f"backbone={tmp_path / 'nope'}"]), tmp_path)
 
 
 def test_named_datasets_are_found_beside_the_checkout():
     assert (shared_data_dir("beauty") / "sequences.txt").is_file()
+
+
+@pytest.mark.parametrize("name", ["bench_rec_cpu.yaml", "bench_rec_accel.yaml"])
+def test_the_shipped_recipes_load(name):
+    from pathlib import Path
+
+    config = load_config(RecBenchConfig, Path(__file__).resolve().parents[1] / "configs" / name)
+    assert config.beams >= max(config.ks) and config.eval_users == 0  # every test user
+    assert config.embedding.text_encoder == "minilm" and config.sids.codebook_sizes == (256, 256, 256)

@@ -4,12 +4,13 @@
     neo-jax bench rec --data DIR [--config FILE] [KEY=VALUE ...]
 
 Phases, each timed: item embeddings and SIDs (`sids build`), window task examples (`data tasks
---window`), the tokenizer and records, training the decoder from random weights on the window
-examples, constrained beam search over the test users under both protocols (history items kept
-in the ranking, and excluded from it through the constraint), then the baselines on the same
-users and split: a first-order transition model, popularity and SASRec. Prints one JSON object
-(also written to OUT/result.json): test Recall/NDCG@K of each, the valid-item rate of the
-model's beams and the wall seconds of every phase.
+--window`), the tokenizer and records, training the decoder on the window examples (from random
+weights, or with `backbone=DIR` a pre-trained model: SID grounding, then every weight),
+constrained beam search over the test users under both protocols (history items kept in the
+ranking, and excluded from it through the constraint), then the baselines on the same users and
+split: a first-order transition model, popularity and SASRec. Prints one JSON object (also
+written to OUT/result.json): test Recall/NDCG@K of each, the valid-item rate of the model's
+beams and the wall seconds of every phase.
 
 Protocol: leave-one-out (the last item of each user is the test target, the one before it the
 validation target, the rest trains; users with fewer than 3 items only train), full ranking
@@ -59,12 +60,20 @@ class RecBenchConfig:
     window_sampling: str = "tile"  # or random (`neo-jax data tasks --window-sampling`)
     text_vocab_size: int = 512  # at most this many sentencepiece pieces (the header text needs ~350)
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields replacing DEFAULT_MODEL's
+    # A pre-trained backbone (a `neo-jax import-hf` output, its tokenizer/ inside) instead of random
+    # weights: its own tokenizer and model (`model` and `text_vocab_size` unused), SID rows alone for
+    # `grounding_steps` (stage 2), then every weight for `steps`.
+    backbone: str | None = None
+    grounding_steps: int = 500
+    grounding_learning_rate: float = 1e-3
+    compute_dtype: str = "float32"  # bfloat16 on an accelerator
     mesh: MeshConfig = MeshConfig()
     steps: int = 3000
     learning_rate: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1
     dropout: float = 0.0  # on the decoder's embeddings and residual branches, training only
+    unlikelihood: float = 0.0  # weight of the history unlikelihood term (`neo-jax train`'s `unlikelihood`)
     batch_size: int = 16
     seq_len: int = 256
     beams: int = 20
@@ -150,12 +159,25 @@ def _baseline_metrics(config: RecBenchConfig, data_dir: Path, root: Path, chosen
     return out
 
 
+def _checked_backbone(path: str | None) -> Path | None:
+    """The backbone checkpoint directory, refused early unless it holds weights and a tokenizer."""
+    if path is None:
+        return None
+    backbone = Path(path)
+    missing = [name for name in ("model_config.json", "params", "tokenizer") if not (backbone / name).exists()]
+    if missing:
+        raise UserError(f"backbone {backbone}: no {', '.join(missing)}; import the model first with "
+                        f"`neo-jax import-hf SOURCE {backbone}`")
+    return backbone
+
+
 def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     unknown = [b for b in config.baselines if b not in BASELINES]
     if unknown:
         raise UserError(f"unknown baseline(s) {unknown}; baselines are {list(BASELINES)}")
     if config.beams < max(config.ks):
         raise UserError(f"beams ({config.beams}) must be at least the largest K ({max(config.ks)})")
+    backbone = _checked_backbone(config.backbone)
     root = Path(config.out or f"runs/bench_rec/{data_dir.name}")
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "bench_config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -169,21 +191,32 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
               ["data", "tasks", str(data_dir), str(root / "sids" / "sids.tsv"), str(root / "tasks"),
                "--tasks", "recommend", "--window", str(config.window), "--window-sampling",
                config.window_sampling, "--seed", str(config.seed)])
+    text_source = (["--train", str(root / "tasks"), "--vocab-size", str(config.text_vocab_size)] if backbone is None
+                   else ["--text", str(backbone / "tokenizer"), "--model", str(backbone)])
     clock.run("tokenizer", cli_step, PREFIX, "tokenizer", root / "tokenizer",
-              ["tokenizer", "build", str(root / "tokenizer"), "--sids", str(root / "sids"), "--train",
-               str(root / "tasks"), "--vocab-size", str(config.text_vocab_size)])
+              ["tokenizer", "build", str(root / "tokenizer"), "--sids", str(root / "sids"), *text_source])
     clock.run("records", cli_step, PREFIX, "records", root / "records",
               ["data", "records", str(root / "tasks"), str(root / "tokenizer"), str(root / "records"),
                "--shards", "1", "--splits", "train,valid", "--max-length", str(config.seq_len + 1)])
-    model_path = root / "model.yaml"
-    atomic_write_text(model_path, yaml.safe_dump({**DEFAULT_MODEL, **config.model,
-                                                  "vocab_size": config.text_vocab_size}))
     stage = StageSettings(stage="instruct", steps=config.steps, learning_rate=config.learning_rate,
                           batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, mesh=config.mesh,
                           warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-                          dropout=config.dropout, log_every=50)
-    checkpoint = clock.run("train", train_stage, PREFIX, root / "train", stage, {"model_config": str(model_path)},
-                           root / "records", root / "tokenizer")
+                          dropout=config.dropout, unlikelihood=config.unlikelihood,
+                          compute_dtype=config.compute_dtype, log_every=50)
+    if backbone is None:
+        model_path = root / "model.yaml"
+        atomic_write_text(model_path, yaml.safe_dump({**DEFAULT_MODEL, **config.model,
+                                                      "vocab_size": config.text_vocab_size}))
+        init = {"model_config": str(model_path)}
+    else:  # stage 2 (the SID rows learn, every pre-trained weight stays), then stage 3 from it
+        grounding = dataclasses.replace(stage, stage="grounding", steps=config.grounding_steps,
+                                        learning_rate=config.grounding_learning_rate, warmup_steps=None,
+                                        weight_decay=None, dropout=0.0, unlikelihood=0.0)
+        grounded = clock.run("train grounding", train_stage, PREFIX, root / "train_grounding", grounding,
+                             {"checkpoint": str(backbone)}, root / "records", root / "tokenizer")
+        init = {"checkpoint": str(grounded)}
+    checkpoint = clock.run("train", train_stage, PREFIX, root / "train", stage, init, root / "records",
+                           root / "tokenizer")
     n_test = sum(1 for _ in (root / "tasks" / "test.jsonl").open(encoding="utf-8"))
     chosen = sample_indices(n_test, config.eval_users, config.seed)
     model = _model_metrics(config, root, checkpoint, chosen, clock)

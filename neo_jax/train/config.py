@@ -123,6 +123,13 @@ class TrainConfig:
     grad_accum_steps: int = 1  # the batch is split into this many micro-batches
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # weights stay float32
     dropout: float = 0.0  # on the embeddings and every residual branch, training only
+    # Weight of the history unlikelihood term (`neo_jax.model.loss.history_unlikelihood`): the
+    # codes that would name an item already in the sequence are penalised, from SID level
+    # `unlikelihood_from_level` (0-based) on; 0 turns it off. With 3 levels of 256 over Beauty's
+    # 12k items a two-code prefix holds one or two items, so from level 1 a penalised code names
+    # (nearly) only the earlier item; level 0 would push away clusters of ~50 similar items.
+    unlikelihood: float = 0.0
+    unlikelihood_from_level: int = 1
     seed: int = 0
     log_every: int = 10
     mfu: bool = True  # measure this machine's matmul FLOP/s once and report MFU
@@ -154,6 +161,9 @@ def check_settings(config: TrainConfig) -> None:
         raise UserError(f"seq_len must be at least 2, got {config.seq_len}")
     if not 0.0 <= config.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {config.dropout}")
+    if config.unlikelihood < 0 or config.unlikelihood_from_level < 0:
+        raise UserError(f"unlikelihood and unlikelihood_from_level must be non-negative, got "
+                        f"{config.unlikelihood} and {config.unlikelihood_from_level}")
     opt = config.optimizer
     if opt.learning_rate <= 0 or opt.warmup_steps < 0 or not 0 <= opt.end_lr_ratio <= 1 or opt.clip_norm < 0:
         raise UserError("optimizer: learning_rate must be positive, warmup_steps and clip_norm non-negative, "

@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from neo_jax.model.layers import Dropout
-from neo_jax.model.loss import masked_cross_entropy
+from neo_jax.model.loss import history_unlikelihood, masked_cross_entropy
 from neo_jax.sharding import batch_sharding
 from neo_jax.train.stages import Params, StagePlan, apply_masked_updates, partition
 
@@ -49,14 +50,31 @@ def train_state_shardings(abstract_state: TrainState, param_shardings: Params, p
     return {"step": replicated, "trainable": trainable_shardings, "frozen": frozen_shardings, "opt": opt_shardings}
 
 
+@dataclasses.dataclass(frozen=True)
+class Unlikelihood:
+    """The history unlikelihood term of the train loss (`history_unlikelihood`), at `weight`."""
+
+    weight: float
+    code_levels: np.ndarray  # [vocab] SID level of each token id, -1 elsewhere
+    from_level: int
+
+
 def _loss_sum(trainable: Params, frozen: Params, batch: Batch, graphdef: nnx.GraphDef,
-              plan: StagePlan, dropout: Dropout | None = None) -> tuple[jax.Array, jax.Array]:
-    """(sum of completion-token losses, number of completion tokens) of one batch."""
+              plan: StagePlan, dropout: Dropout | None = None, unlikelihood: Unlikelihood | None = None
+              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """(the objective to differentiate, (sum of completion-token losses, number of completion
+    tokens, sum of the unlikelihood penalties)) of one batch; the objective is the loss sum plus
+    `unlikelihood.weight` times the penalty sum."""
     model = nnx.merge(graphdef, plan.params(trainable, frozen))
     logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"],
                       dropout=dropout)  # [batch, len, vocab]
     mean, weight = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    return mean * weight, weight
+    penalty = jnp.zeros((), jnp.float32)
+    if unlikelihood is not None:
+        penalty = history_unlikelihood(logits, batch["targets"], batch["loss_mask"], batch["segment_ids"],
+                                       unlikelihood.code_levels, unlikelihood.from_level)
+    objective = mean * weight + (0.0 if unlikelihood is None else unlikelihood.weight) * penalty
+    return objective, (mean * weight, weight, penalty)
 
 
 def _micro_batches(batch: Batch, count: int, mesh: Mesh) -> Batch:
@@ -80,12 +98,15 @@ class StepFunctions:
 
 def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransformation, masks: Params,
                schedule: optax.Schedule, grad_accum_steps: int, state_shardings: TrainState,
-               mesh: Mesh, dropout: float = 0.0, seed: int = 0) -> StepFunctions:
+               mesh: Mesh, dropout: float = 0.0, seed: int = 0,
+               unlikelihood: Unlikelihood | None = None) -> StepFunctions:
     """The jitted train step (donates its state) and eval step.
 
     With `dropout` > 0 the train step drops the model's embeddings and residual branches at
     that rate, its masks drawn from `seed`, the step and the micro-batch index: a resumed run
-    draws the same masks. The eval step never drops."""
+    draws the same masks. The eval step never drops. With `unlikelihood` the train step adds the
+    history unlikelihood term (logged as `unlikelihood`, per completion token); the eval step's
+    loss is the cross-entropy alone, comparable across runs."""
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_in = batch_sharding(mesh, 2)
     loss_and_grad = jax.value_and_grad(_loss_sum, has_aux=True)
@@ -96,15 +117,18 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
         step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
 
         def accumulate(carry, indexed: tuple[jax.Array, Batch]):
-            grad_sum, loss_sum, weight_sum = carry
+            grad_sum, loss_sum, weight_sum, penalty_sum = carry
             index, micro = indexed
             drop = Dropout(jax.random.fold_in(step_key, index), rate=dropout) if dropout else None
-            (loss, weight), grads = loss_and_grad(trainable, frozen, micro, graphdef, plan, drop)
-            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, weight_sum + weight), None
+            (_, (loss, weight, penalty)), grads = loss_and_grad(trainable, frozen, micro, graphdef, plan, drop,
+                                                                unlikelihood)
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, weight_sum + weight,
+                    penalty_sum + penalty), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grad_sum, loss_sum, weight_sum), _ = jax.lax.scan(
-            accumulate, zeros, (jnp.arange(grad_accum_steps), _micro_batches(batch, grad_accum_steps, mesh)))
+        zero = jnp.zeros((), jnp.float32)
+        (grad_sum, loss_sum, weight_sum, penalty_sum), _ = jax.lax.scan(
+            accumulate, (jax.tree.map(jnp.zeros_like, trainable), zero, zero, zero),
+            (jnp.arange(grad_accum_steps), _micro_batches(batch, grad_accum_steps, mesh)))
         denominator = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         updates, opt = tx.update(grads, state["opt"], trainable)
@@ -112,10 +136,13 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
                      "trainable": apply_masked_updates(trainable, updates, masks)}
         metrics = {"loss": loss_sum / denominator, "loss_tokens": weight_sum, "learning_rate": schedule(state["step"]),
                    "grad_norm": optax.tree.norm(jax.tree.map(lambda g, m: g * m, grads, masks))}
+        if unlikelihood is not None:
+            metrics["unlikelihood"] = penalty_sum / denominator
         return new_state, metrics
 
     def eval_step(state: TrainState, batch: Batch):
-        return _loss_sum(state["trainable"], state["frozen"], batch, graphdef, plan)
+        _, (loss, weight, _) = _loss_sum(state["trainable"], state["frozen"], batch, graphdef, plan)
+        return loss, weight
 
     return StepFunctions(
         train=jax.jit(train_step, in_shardings=(state_shardings, batch_in),

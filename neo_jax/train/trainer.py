@@ -53,7 +53,8 @@ from neo_jax.train.flops import matmul_params, measured_peak_flops, mfu, train_f
 from neo_jax.train.input import train_batches, validation_batches
 from neo_jax.train.monitor import MetricsLog, Progress
 from neo_jax.train.stages import StagePlan, learning_rate_schedule, make_optimizer, make_plan
-from neo_jax.train.step import StepFunctions, TrainState, make_steps, new_train_state, train_state_shardings
+from neo_jax.train.step import (StepFunctions, TrainState, Unlikelihood, make_steps, new_train_state,
+                                train_state_shardings)
 from neo_jax.vocab import VocabLayout
 
 FINAL_DIR = "final"
@@ -214,8 +215,10 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
         start_step = 0
         state = jax.jit(init_state, out_shardings=shardings)(_initial_params(config, model_config, layout, mesh))
 
+    unlikelihood = (Unlikelihood(config.unlikelihood, layout.code_level_table(), config.unlikelihood_from_level)
+                    if config.unlikelihood else None)
     steps = make_steps(graphdef, plan, tx, masks, learning_rate_schedule(config.optimizer, config.steps),
-                       config.grad_accum_steps, shardings, mesh, config.dropout, config.seed)
+                       config.grad_accum_steps, shardings, mesh, config.dropout, config.seed, unlikelihood)
     flops_per_token = train_flops_per_token(matmul_params(abstract_params), model_config.num_layers,
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
