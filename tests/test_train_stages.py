@@ -66,12 +66,14 @@ def test_grounding_moves_only_sid_rows_and_lowers_validation_loss(catalog):
 
 
 def test_instruct_trains_every_weight_and_lowers_validation_loss(catalog):
-    root, _ = catalog
+    root, layout = catalog
     result = train(catalog_config(root, "instruct", "stage=instruct"), devices=ONE_DEVICE)
     before, after = flat_params(root / "init"), flat_params(result.final_dir)
     assert all((after[path] != value).any() for path, value in before.items())
     start, end = valid_losses(root / "instruct")
     assert end < start - 0.5, (start, end)
+    from neo_jax.decode.commands import load_tokenizer  # the final model carries its tokenizer
+    assert load_tokenizer(result.final_dir).layout == layout
 
 
 def test_lora_trains_adapters_and_sid_rows_only(catalog):

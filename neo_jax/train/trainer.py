@@ -35,8 +35,8 @@ from jax.sharding import Mesh
 
 from neo_jax.atomic import atomic_write_text
 from neo_jax.catalog.sid_output import load_sid_output
-from neo_jax.checkpoint import (MODEL_CONFIG, abstract_decoder, load_hf_config, load_model, load_model_config,
-                                load_vocab_layout, save_model)
+from neo_jax.checkpoint import (MODEL_CONFIG, TOKENIZER, abstract_decoder, load_hf_config, load_model,
+                                load_model_config, load_vocab_layout, save_model)
 from neo_jax.config import load_config, to_dict
 from neo_jax.errors import UserError
 from neo_jax.eval.recommend import recall_hook
@@ -261,7 +261,8 @@ def _evaluate(run: _Run, step: int, hooks: Sequence[ValidationHook]) -> dict[str
 
 
 def _save_final(run: _Run, trained: bool) -> str:
-    """Write the trained model to `RUN_DIR/final`, replacing an older one (kept when nothing was trained).
+    """Write the trained model, with a copy of its tokenizer (`final/tokenizer/`), to
+    `RUN_DIR/final`, replacing an older one (kept when nothing was trained).
 
     The model is saved under `.final.tmp` and swapped in by two renames, so `final` is never
     half-written; a crash between the renames leaves the new model in `.final.tmp` and the
@@ -276,6 +277,8 @@ def _save_final(run: _Run, trained: bool) -> str:
     multihost_utils.sync_global_devices("neo_jax: final model staging cleared")
     hf_config = load_hf_config(run.config.init.checkpoint) if run.config.init.checkpoint else None
     save_model(tmp_dir, current_model(run), run.layout, hf_config)
+    if jax.process_index() == 0 and run.config.data.tokenizer:  # the final model carries its tokenizer
+        shutil.copytree(run.config.data.tokenizer, tmp_dir / TOKENIZER, dirs_exist_ok=True)
     multihost_utils.sync_global_devices("neo_jax: final model staged")
     if jax.process_index() == 0:
         if final_dir.exists():
