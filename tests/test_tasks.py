@@ -16,7 +16,7 @@ from neo_jax.data.splits import MIN_EVAL_LENGTH, leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.tasks.builders import (ANY_TYPE, TASK_FORMATS, TASKS, TEMPLATES, PromptHeader, TaskBuilder,
                                     TaskConfig, build_eval_examples, build_train_examples, load_sid_map,
-                                    parse_header, random_window_spans, read_examples, window_spans,
+                                    parse_header, random_window_spans, read_examples, render_prompt, window_spans,
                                     write_examples)
 from neo_jax.errors import UserError
 from neo_jax.vocab import SID_CODE_PATTERN, format_sid
@@ -131,7 +131,7 @@ def test_recommend_completion_is_the_target(dataset):
     assert example.prompt.startswith(PromptHeader("recommend", dataset.catalog.type_name(target), "mixed").render())
     shown = [format_sid(*sid_map[r]) for r in history[-3:]]
     assert ", ".join(shown) in example.prompt and format_sid(*sid_map[5]) not in example.prompt
-    prompt = builder.prompt("recommend", "brand", "ids", 0, **builder.history_fields(history))
+    prompt = render_prompt("recommend", "brand", "ids", 0, **builder.history_fields(history))
     assert parse_header(prompt) == PromptHeader("recommend", "brand", "ids")
 
 

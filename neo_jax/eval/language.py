@@ -36,7 +36,7 @@ from neo_jax.errors import UserError
 from neo_jax.eval.recommend import sample_examples, sample_indices
 from neo_jax.model.decoder import Decoder
 from neo_jax.model.loss import masked_cross_entropy
-from neo_jax.tasks.builders import OUTPUT_FORMATS, PromptHeader, TaskExample, parse_header, TEMPLATES
+from neo_jax.tasks.builders import OUTPUT_FORMATS, TaskExample, parse_header, render_prompt
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import Progress
 from neo_jax.vocab import SID_CLOSE, SID_CODE_PATTERN, SID_OPEN, format_sid
@@ -92,10 +92,10 @@ def sid_to_text_accuracy(generator: Generator, catalog: Catalog, items: int, see
     rows = sample_indices(len(generator.sids.item_ids), items, seed).tolist()  # SID catalog rows
     prompts, references = [], []
     for row in rows:
-        entity = catalog.type_name(catalog_row[generator.sids.item_ids[row]])
-        header = PromptHeader("sid_to_text", entity, "text")
-        prompts.append(header.render() + TEMPLATES["sid_to_text"][0].format(sid=item_sid(generator, row)))
-        references.append(catalog.item_text(catalog_row[generator.sids.item_ids[row]]))
+        catalog_index = catalog_row[generator.sids.item_ids[row]]
+        prompts.append(render_prompt("sid_to_text", catalog.type_name(catalog_index), "text", 0,
+                                     sid=item_sid(generator, row)))
+        references.append(catalog.item_text(catalog_index))
     longest = max(len(generator.tokenizer.encode(r)) for r in references) + 1  # + EOS
     # The context holds BOS, the longest prompt and the description.
     room = generator.model.config.max_position_embeddings - 1 - max(len(generator.tokenizer.encode(p)) for p in prompts)

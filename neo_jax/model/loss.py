@@ -44,8 +44,10 @@ def history_unlikelihood(logits: jax.Array, targets: jax.Array, weights: jax.Arr
     for distance in range(1, int(code_levels.max()) + 1):  # the item prefixes agree on their first `level` codes
         before = jnp.pad(targets, ((0, 0), (distance, 0)), constant_values=-1)[:, :length]  # [batch, len]
         pairs &= (level[:, :, None] < distance) | (before[:, :, None] == before[:, None, :])
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, len, vocab]
+    logits = logits.astype(jnp.float32)
     candidates = jnp.broadcast_to(targets[:, None, :], pairs.shape)  # [batch, len(i), len(m)] token ids
-    candidate_log_probs = jnp.take_along_axis(log_probs, candidates, axis=2)  # [batch, len(i), len(m)]
+    candidate_logits = jnp.take_along_axis(logits, candidates, axis=2)  # [batch, len(i), len(m)]
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)  # [batch, len]
+    candidate_log_probs = candidate_logits - log_normaliser[:, :, None]  # [batch, len(i), len(m)]
     penalty = -jnp.log(jnp.clip(-jnp.expm1(candidate_log_probs), 1e-6, None))  # -log(1 - p)
     return jnp.sum(jnp.where(pairs, penalty, 0.0))

@@ -221,6 +221,12 @@ class TaskConfig:
             raise UserError(f"unknown window sampling {self.window_sampling!r}; choose one of {list(WINDOW_SAMPLING)}")
 
 
+def render_prompt(task: str, entity_type: str, output_format: str, template: int, **fields: str) -> str:
+    """A prompt: the header line, then template `template` of `task` filled with `fields`."""
+    header = PromptHeader(task, entity_type, output_format)
+    return header.render() + TEMPLATES[task][template].format(type=entity_type, **fields)
+
+
 class TaskBuilder:
     """Renders task examples for one catalog and its SIDs; `rng` picks templates and formats."""
 
@@ -251,11 +257,6 @@ class TaskBuilder:
         return phrases
 
     # one example
-    def prompt(self, task: str, entity_type: str, output_format: str, template: int, **fields: str) -> str:
-        """A prompt: the header line, then the template filled with `fields`."""
-        header = PromptHeader(task, entity_type, output_format)
-        return header.render() + TEMPLATES[task][template].format(type=entity_type, **fields)
-
     def _make(self, task: str, entity_type: str, fields: dict[str, str], answer: Callable[[str], str],
               output_format: str | None = None, template: int | None = None) -> TaskExample:
         """An example whose completion is `answer(output_format)`; format and template are seeded
@@ -267,7 +268,7 @@ class TaskBuilder:
         if template is None:
             template = int(self.rng.random() * len(TEMPLATES[task]))
         return TaskExample(task, entity_type, output_format,
-                           self.prompt(task, entity_type, output_format, template, **fields),
+                           render_prompt(task, entity_type, output_format, template, **fields),
                            answer(output_format))
 
     def history_fields(self, history: np.ndarray) -> dict[str, str]:
