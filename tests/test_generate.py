@@ -254,3 +254,25 @@ def test_generate_command_rejects_bad_requests(cli_inputs, capsys, argv, message
     code, _, err = run_cli(capsys, "--ckpt", str(root / "ckpt"), "--sids", str(root / "sids"),
                            "--tokenizer", str(root / "tokenizer"), *argv)
     assert code == 2 and message in err, err
+
+
+def test_rank_items_gives_the_items_generate_names_in_the_same_order(cli_inputs):
+    from neo_jax.decode.commands import load_generator
+
+    root, catalog = cli_inputs
+    generator = load_generator(root / "ckpt", root / "sids", make_mesh(MeshConfig()), root / "tokenizer")
+    product = catalog.type_names[0]
+    products = [catalog.item_ids[r] for r in catalog.rows_of_type(product)]
+    prompts = [f"task: recommend | type: {product} | format: ids\nuser {u}" for u in range(3)]
+    settings = DecodeSettings(method="beam", max_new_tokens=5, beam_size=6)
+    for excluded in (None, [products[:2], [], products[2:40]]):
+        rows = generator.rank_items(prompts, settings, excluded_ids=excluded)  # [prompts, beams]
+        named = [[generator.row_of_id[c.items[0].item_id] for c in beams]
+                 for beams in generator.generate(prompts, settings, excluded_ids=excluded)]
+        assert rows.tolist() == named
+        assert all(catalog.type_name(r) == product for r in rows.ravel())
+        if excluded is not None:
+            assert not {catalog.item_ids[r] for r in rows[2]} & set(excluded[2])
+    with pytest.raises(UserError, match="prompt 1: ranking items needs a task header asking for the 'ids' format, "
+                                        "it has no header"):
+        generator.rank_items([prompts[0], "what next?"], settings)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neo_jax.catalog.store import load_sid_trie, save_sid_trie
-from neo_jax.catalog.table import ROOT, SidTrie, build_trie, node_tokens
+from neo_jax.catalog.table import ROOT, SidTokenIndex, SidTrie, build_trie, node_tokens
 from neo_jax.errors import UserError
 from neo_jax.vocab import EntityType, VocabLayout
 
@@ -146,6 +146,38 @@ def test_node_tokens_follow_layout():
         node_tokens(trie, small)
     with pytest.raises(UserError, match="levels per type"):
         node_tokens(trie, VocabLayout(text_size=50, entity_types=(EntityType("a", (4, 4)),)))
+
+
+def test_token_index_finds_every_item_as_find_item_does_and_nothing_else():
+    levels, sizes = (2, 3), [4, 3]
+    codes, types = random_catalog(np.random.default_rng(3), levels, sizes, [12, 20])
+    trie = build_trie(codes, types, levels)
+    layout = VocabLayout(text_size=50, entity_types=(EntityType("a", (4, 4)), EntityType("b", (3, 3, 3))))
+    index = SidTokenIndex.build(trie, layout)
+    width = max(levels)
+    cases, expected = [], []  # SIDs as code tokens, and the row `find_item` gives (-1 for None)
+    for sid, row in input_sids(codes, types, levels).items():
+        type_index, sid_codes = sid[0], sid[1:]
+        tokens = [layout.sid_token(type_index, level, code) for level, code in enumerate(sid_codes)]
+        cases += [tokens, tokens[:-1]]  # the item, and a proper prefix of it
+        expected += [row, -1]
+        if len(tokens) < width:  # one code too many
+            cases.append(tokens + [layout.sid_token(type_index, len(tokens) - 1, 0)])
+            expected.append(-1)
+    for type_index, entity in enumerate(layout.entity_types):  # every SID, in the catalog or not
+        for sid_codes in np.ndindex(*entity.codebook_sizes):
+            cases.append([layout.sid_token(type_index, level, code) for level, code in enumerate(sid_codes)])
+            row = trie.find_item(type_index, sid_codes)
+            expected.append(-1 if row is None else row)
+    cases.append([3, 4])  # text tokens
+    expected.append(-1)
+    tokens = np.zeros((len(cases), width), np.int64)  # [cases, width], 0 past each length
+    for i, case in enumerate(cases):
+        tokens[i, :len(case)] = case
+    lengths = np.array([len(c) for c in cases])  # [cases]
+    assert index.rows(tokens, lengths).tolist() == expected
+    assert index.rows(np.stack([tokens, tokens[::-1]]), np.stack([lengths, lengths[::-1]])).tolist() == \
+        [expected, expected[::-1]]  # any leading shape
 
 
 @pytest.mark.parametrize("codes,types,levels,message", [

@@ -231,3 +231,40 @@ def node_tokens(trie: SidTrie, layout: VocabLayout) -> np.ndarray:
     tokens = np.full(trie.num_nodes, -1, np.int32)  # [num_nodes]
     tokens[inner] = layout.block_offset_table()[types, levels] + codes
     return tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SidTokenIndex:
+    """Host-side lookup from SIDs written as code tokens to catalog rows, vectorised over a whole batch
+    of beams (one `searchsorted` per level) where `SidTrie.find_item` walks one SID at a time."""
+
+    child_keys: np.ndarray  # [num_nodes - 1] int64 sorted: parent * stride + token of each non-root node
+    child_nodes: np.ndarray  # [num_nodes - 1] int64 node id of each key
+    leaf_rows: np.ndarray  # [num_nodes] int64 catalog row of each leaf, -1 for the root and inner nodes
+    stride: int  # above every token id
+
+    @classmethod
+    def build(cls, trie: SidTrie, layout: VocabLayout) -> "SidTokenIndex":
+        tokens = node_tokens(trie, layout).astype(np.int64)  # [num_nodes]
+        parents = np.repeat(np.arange(trie.num_nodes, dtype=np.int64), np.diff(trie.child_start))  # [num_nodes - 1]
+        stride = layout.size + 1
+        keys = parents * stride + tokens[1:]  # [num_nodes - 1]
+        order = np.argsort(keys, kind="stable")
+        is_leaf = np.diff(trie.child_start) == 0  # [num_nodes]
+        is_leaf[0] = False
+        leaf_rows = np.where(is_leaf, trie.item_order[np.minimum(trie.subtree_lo, trie.n_items - 1)], -1)
+        return cls(keys[order], order.astype(np.int64) + 1, leaf_rows.astype(np.int64), stride)
+
+    def rows(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """`[...]` catalog row of the SID each `tokens[..., :lengths]` spells (its code tokens, no
+        `[SID]` markers); -1 where no item has that SID (unknown token, a proper prefix, empty)."""
+        node = np.zeros(lengths.shape, np.int64)  # [...] trie node reached, 0 = root
+        found = lengths > 0  # [...]
+        for level in range(tokens.shape[-1]):
+            walking = found & (level < lengths)  # [...]
+            key = node * self.stride + tokens[..., level]  # [...]
+            at = np.minimum(np.searchsorted(self.child_keys, key), self.child_keys.size - 1)  # [...]
+            hit = self.child_keys[at] == key  # [...]
+            found &= hit | ~walking
+            node = np.where(walking & hit, self.child_nodes[at], node)
+        return np.where(found, self.leaf_rows[node], -1)

@@ -1,6 +1,7 @@
 """Generation with the decoder: prompts in, ranked continuations out, each SID resolved to a catalog item.
 
-Text level: `Generator(model, tokenizer, sids, eos_id, titles).generate(prompts, settings)`.
+Text level: `Generator(model, tokenizer, sids, eos_id, titles).generate(prompts, settings)`; for
+ranking, `Generator.rank_items(prompts, settings)` gives the `[prompt, beam]` catalog rows alone.
 Token level:
 
     packed = pack_prompts(prompt_ids, max_context=..., max_new_tokens=settings.max_new_tokens,
@@ -24,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from neo_jax.catalog.sid_output import SidOutput
-from neo_jax.catalog.table import SidTrie
+from neo_jax.catalog.table import SidTokenIndex, SidTrie
 from neo_jax.decode.beam_search import beam_search, check_beam_settings
 from neo_jax.decode.constraint import Constraint, SidConstraint, Unconstrained, sid_requests
 from neo_jax.decode.sampling import check_sampling_settings, sample
@@ -73,6 +74,12 @@ SHAPE_MULTIPLE = 32
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def _exclusion_width(longest: int) -> int:
+    """Width of a batch's exclusion lists: a power of two, at least `SHAPE_MULTIPLE`, so that
+    histories of any length compile the decoder a few times (32, 64, 128, ...)."""
+    return max(SHAPE_MULTIPLE, 1 << (longest - 1).bit_length())
 
 
 def pack_prompts(prompts: Sequence[Sequence[int]], *, max_context: int, max_new_tokens: int,
@@ -281,6 +288,7 @@ class Generator:
         self.titles, self.mesh = titles, mesh
         self.tables = SidTables.from_trie(sids.trie, layout, mesh)
         self.row_of_id = {item_id: row for row, item_id in enumerate(sids.item_ids)}
+        self.token_index = SidTokenIndex.build(sids.trie, layout)
 
     def with_model(self, model: Decoder) -> "Generator":
         """The same tokenizer, catalog and device tables with another model of the same vocabulary
@@ -298,10 +306,36 @@ class Generator:
                  constrained: bool = True, seed: int = 0) -> list[list[GeneratedText]]:
         """`[prompt][beam]` continuations. `excluded_ids[i]`: items prompt i must not name (its history);
         `allowed_ids`: the only items any prompt may name (in stock)."""
-        layout = self.tokenizer.layout
         headers = [_prompt_target(p, default_types, default_format) for p in prompts]
         # Constrained ID mode names one item: its prompt ends with `[SID]` and it decodes just the codes.
         codes_only = [constrained and output_format == "ids" for _, output_format in headers]
+        result = self._decode(prompts, headers, codes_only, settings, excluded_ids, allowed_ids, constrained, seed)
+        return [[self._to_text(c) for c in beams]
+                for beams in resolve(result, self.tokenizer.layout, self.sids.trie, codes_only, self.eos_id)]
+
+    def rank_items(self, prompts: Sequence[str], settings: DecodeSettings, *,
+                   excluded_ids: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """`[prompt, beam]` catalog rows named by constrained ID-mode beam search, best first (-1: a
+        filler beam, where fewer items were found): `generate`'s ranking without its text, resolved
+        for the whole batch at once. Every prompt must ask for the `ids` format in its header."""
+        if settings.method != "beam":
+            raise UserError(f"ranking items needs beam search, not {settings.method!r}")
+        headers = [_prompt_target(p, None, "") for p in prompts]
+        for i, (_, output_format) in enumerate(headers):
+            if output_format != "ids":
+                raise UserError(f"prompt {i}: ranking items needs a task header asking for the 'ids' format, "
+                                + (f"it asks for {output_format!r}" if output_format else "it has no header"))
+        result = self._decode(prompts, headers, [True] * len(prompts), settings, excluded_ids, None, True, 0)
+        lengths = np.asarray(result.lengths)  # [batch, beams]
+        real = np.asarray(is_alive(result.scores)) | np.asarray(result.finished)  # [batch, beams]
+        rows = self.token_index.rows(np.asarray(result.tokens), lengths)  # [batch, beams]
+        return np.where(real, rows, -1)
+
+    def _decode(self, prompts: Sequence[str], headers, codes_only: Sequence[bool], settings: DecodeSettings,
+                excluded_ids: Sequence[Sequence[str]] | None, allowed_ids: Collection[str] | None,
+                constrained: bool, seed: int) -> DecodeResult:
+        """Tokenise, pack, constrain and decode one batch; `headers[i]`: prompt i's (types, format)."""
+        layout = self.tokenizer.layout
         bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
         packed = pack_prompts([bos + self.tokenizer.encode(p) + ([layout.sid_open_id] if codes else []) if p else []
                                for p, codes in zip(prompts, codes_only)],
@@ -314,15 +348,12 @@ class Generator:
                 self.sids.trie, layout, self.tables, entity_types=[types for types, _ in headers],
                 output_formats=[output_format for _, output_format in headers], beam_size=settings.beam_size,
                 excluded_rows=excluded,
-                max_excluded=None if excluded is None else _round_up(max([1] + [len(r) for r in excluded]),
-                                                                     SHAPE_MULTIPLE),
+                max_excluded=None if excluded is None else _exclusion_width(max([1] + [len(r) for r in excluded])),
                 allowed_rows=None if allowed_ids is None else self._mask(allowed_ids))
             constraint = SidConstraint.create(self.tables, requests, layout, self.eos_id, ids_codes_only=True)
         else:
             constraint = Unconstrained(layout.size)
-        result = decode(self.model, packed, constraint, settings, self.eos_id, self.mesh, seed)
-        return [[self._to_text(c) for c in beams]
-                for beams in resolve(result, layout, self.sids.trie, codes_only, self.eos_id)]
+        return decode(self.model, packed, constraint, settings, self.eos_id, self.mesh, seed)
 
     def _rows(self, item_ids: Sequence[str], what: str) -> list[int]:
         unknown = [i for i in item_ids if i not in self.row_of_id]

@@ -106,11 +106,9 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
         # The last batch repeats its final prompt up to `batch_size`, so every batch has one shape.
         padded = batch + [batch[-1]] * (batch_size - len(batch))
         excluded = [e.history for e in padded] if exclude_history else None
-        decoded = generator.generate([e.prompt for e in padded], settings, excluded_ids=excluded)
-        for index, continuations in zip(indices, decoded):
-            rows = [generator.row_of_id[item.item_id] for c in continuations for item in c.items if item is not None]
-            named += sum(1 for c in continuations if any(item is not None for item in c.items))
-            ranked[index, :len(rows[:beams])] = rows[:beams]
+        rows = generator.rank_items([e.prompt for e in padded], settings, excluded_ids=excluded)[:len(batch)]
+        named += int((rows >= 0).sum())  # [batch, beams] rows, -1 for filler beams
+        ranked[indices] = rows
         if progress is not None:
             progress.update(min(start + batch_size, len(examples)), {})
     metrics = ranking_metrics(ranked, targets, ks)
