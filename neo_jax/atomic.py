@@ -13,15 +13,20 @@ from neo_jax.errors import UserError
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False,
+                      overwrite_option: str | None = "--overwrite") -> Iterator[Path]:
     """Yield a temporary directory beside `out_dir`; rename it to `out_dir` on success.
 
     On any exception the temporary directory is removed and `out_dir` is untouched.
-    An existing `out_dir` is an error unless `overwrite` is set.
+    An existing `out_dir` is an error unless `overwrite` is set; the error names the command's
+    `overwrite_option` (None: it has none).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise UserError(f"{out_dir} already exists; remove it or choose another output directory")
+        remedy = "remove it or choose another output directory"
+        if overwrite_option is not None:
+            remedy = f"pass {overwrite_option} to replace it, or {remedy}"
+        raise UserError(f"{out_dir} already exists; {remedy}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700; the output is an ordinary directory

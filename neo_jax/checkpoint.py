@@ -87,11 +87,41 @@ def load_model(directory: str | Path, mesh: Mesh, dtype: str | None = None) -> D
                           nnx.to_pure_dict(abstract_state), shardings)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
+            # A foreign model is refused from the metadata: a restore into the wrong shapes fails
+            # inside the library's threads, which then print tracebacks at interpreter exit.
+            _check_stored_shapes(directory, checkpointer.metadata(directory / PARAMS).item_metadata, target)
             restored = checkpointer.restore(directory / PARAMS, target)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UserError(f"{directory / PARAMS}: cannot restore the parameters ({e})") from None
+    except UserError:
+        raise
+    except Exception as e:  # the checkpoint and storage libraries raise many types for a damaged or foreign checkpoint
+        raise UserError(f"{directory / PARAMS}: cannot restore the parameters of the model in {MODEL_CONFIG} "
+                        f"({restore_failure(e)})") from None
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)
+
+
+def _check_stored_shapes(directory: Path, stored: Any, target: Any) -> None:
+    """Refuse a `params/` whose arrays (names and shapes) are not those of `model_config.json`'s model."""
+    def shapes(tree) -> dict[str, tuple[int, ...]]:
+        return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    have, want = shapes(stored), shapes(target)
+    problem = next((f"{name!r} is {list(have[name])} there but {list(want[name])} in {MODEL_CONFIG}"
+                    for name in want if name in have and have[name] != want[name]), None)
+    if problem is None and have.keys() != want.keys():
+        missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+        problem = (f"it lacks {missing[0]!r} ({len(missing)} array(s) missing)" if missing
+                   else f"it has {extra[0]!r} that {MODEL_CONFIG}'s model does not ({len(extra)} extra)")
+    if problem is not None:
+        raise UserError(f"{directory / PARAMS}: not the parameters of the model in {MODEL_CONFIG}: {problem}")
+
+
+def restore_failure(error: Exception, limit: int = 160) -> str:
+    """One short line of what a failed restore raised (the libraries' messages run to pages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _checkpoint_dir(directory: str | Path) -> Path:

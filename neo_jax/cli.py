@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"neo-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be read or written: a parent that is a file, no permission
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"neo-jax {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

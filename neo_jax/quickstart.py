@@ -106,6 +106,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     if config.eval_split not in ("valid", "test"):
         raise UserError(f"eval_split must be 'valid' or 'test', got {config.eval_split!r}")
     root = Path(config.out)
+    if config.data is not None and not Path(config.data).is_dir():  # checked before anything is written
+        raise UserError(f"data: {config.data} is not a directory")
     root.mkdir(parents=True, exist_ok=True)
     if config.data is None:
         data_dir, synth = root / "data", config.synthetic
@@ -114,8 +116,6 @@ def run_quickstart(config: QuickstartConfig) -> dict:
                                  "--num-queries", str(synth.num_queries)])
     else:
         data_dir = Path(config.data)
-        if not data_dir.is_dir():
-            raise UserError(f"data: {data_dir} is not a directory")
     if not (root / "sids").exists():
         say(PREFIX, "sids: neo-jax sids build (settings in the quickstart config)")
         summary = build_sids(SidsBuildConfig(data=str(data_dir), output=str(root / "sids"), seed=config.seed,

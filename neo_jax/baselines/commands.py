@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(SasRecTrainConfig, args.config, args.overrides)
     started = time.perf_counter()
-    with atomic_output_dir(args.out) as run_dir:
+    with atomic_output_dir(args.out, overwrite_option=None) as run_dir:
         dataset = load_dataset(args.data)
         split = leave_one_out(dataset.interactions.sequences())
         trained = train_sasrec(split, len(dataset.catalog), config, _log)

@@ -76,7 +76,7 @@ def training_popularity(dataset: Dataset) -> np.ndarray:
 def build_sids(config: SidsBuildConfig) -> dict:
     """Run the whole build for `config`; returns the printed summary."""
     start = time.perf_counter()
-    with atomic_output_dir(config.output, overwrite=config.overwrite) as out_dir:
+    with atomic_output_dir(config.output, overwrite=config.overwrite, overwrite_option="overwrite=true") as out_dir:
         dataset = _load_data(config)
         catalog = dataset.catalog
         _log(f"sids: {len(catalog)} items of types {list(catalog.type_names)} from {config.data}")

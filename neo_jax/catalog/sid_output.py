@@ -59,6 +59,8 @@ def write_sid_output(directory: str | Path, output: SidOutput, config: dict[str,
 def load_sid_output(directory: str | Path) -> SidOutput:
     """Read a `sids build` directory; the item ids come from `sids.tsv` (one line per trie item)."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory}: not a directory; give the directory `neo-jax sids build` wrote")
     summary_path, tsv_path = directory / SUMMARY, directory / SIDS_TSV
     summary = read_json_object(summary_path, f"is {directory} the output of `neo-jax sids build`?")
     try:

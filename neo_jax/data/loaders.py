@@ -214,7 +214,7 @@ def load_embeddings(npy_path: str | Path, ids_path: str | Path, catalog: Catalog
 # -- interactions ---------------------------------------------------------------------------
 
 def _timestamp(path: Path, line_number: int, value: Any) -> int:
-    """Seconds (or any increasing count) from a number or an ISO 8601 date."""
+    """Seconds since 1970 (or any increasing count from 0) from a number or an ISO 8601 date."""
     text = str(value).strip()
     try:
         number = float(text)
@@ -223,15 +223,20 @@ def _timestamp(path: Path, line_number: int, value: Any) -> int:
     if number is not None:
         if not math.isfinite(number):
             raise UserError(f"{path}:{line_number}: timestamp {value!r} is not finite")
-        return int(number)
-    try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise UserError(f"{path}:{line_number}: timestamp {value!r} is neither a number "
-                        "nor an ISO 8601 date") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return int(moment.timestamp())
+        seconds = int(number)
+    else:
+        try:
+            moment = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise UserError(f"{path}:{line_number}: timestamp {value!r} is neither a number "
+                            "nor an ISO 8601 date") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        seconds = int(moment.timestamp())
+    if seconds < 0:
+        raise UserError(f"{path}:{line_number}: timestamp {value!r} is before 1970; give seconds since "
+                        "1970-01-01 or an ISO 8601 date")
+    return seconds
 
 
 def _rating(path: Path, line_number: int, value: Any) -> float:

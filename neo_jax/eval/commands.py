@@ -73,13 +73,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_mesh_arguments(language)
 
 
+def _read_examples(path: str) -> list:
+    examples = read_examples(path)
+    if not examples:
+        raise UserError(f"{path}: no evaluation examples in the file")
+    return examples
+
+
 def run(args: argparse.Namespace) -> int:
     if args.eval_command == "language":
         return run_language(args)
     if args.beams < 1 or args.batch < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--beams, --batch and --limit must be positive")
     ks = parse_ks(args.ks)
-    examples = sample_examples(read_examples(args.examples), args.limit or 0, args.seed)
+    examples = sample_examples(_read_examples(args.examples), args.limit or 0, args.seed)
     generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer)
     metrics = evaluate_recommendations(generator, examples, beams=args.beams, batch_size=args.batch, ks=ks,
                                        exclude_history=args.exclude_history)
@@ -99,7 +106,7 @@ def run_language(args: argparse.Namespace) -> int:
             raise UserError(f"{args.base_ckpt}: its vocabulary layout differs from {args.ckpt}'s; perplexities "
                             "are only comparable under one tokenizer")
         base_model = load_model(args.base_ckpt, mesh)
-    metrics = evaluate_language(generator, load_dataset(args.data).catalog, read_examples(args.examples), texts,
+    metrics = evaluate_language(generator, load_dataset(args.data).catalog, _read_examples(args.examples), texts,
                                 base_model, items=args.items, users=args.users, beams=args.beams,
                                 batch_size=args.batch, seed=args.seed)
     print(json.dumps({"ckpt": str(args.ckpt), "base_ckpt": None if args.base_ckpt is None else str(args.base_ckpt),

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from neo_jax.atomic import atomic_output_dir, atomic_write_text
 from neo_jax.checkpoint import load_hf_config, load_model
+from neo_jax.errors import UserError
 from neo_jax.hf.key_map import hf_tensor
 from neo_jax.hf.safetensors_io import TensorToWrite, write_safetensors
 from neo_jax.model.decoder import Decoder
@@ -49,6 +50,8 @@ def tensors_to_write(model: Decoder) -> list[TensorToWrite]:
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, mesh: Mesh, overwrite: bool = False,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
     """Write `checkpoint_dir` as a Hugging Face directory at `out_dir`; returns the safetensors files."""
+    if max_shard_bytes < 1:
+        raise UserError(f"the largest safetensors shard must be positive, got {max_shard_bytes} bytes")
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         model = load_model(checkpoint_dir, mesh)
         files = write_safetensors(tmp, tensors_to_write(model), max_shard_bytes)

@@ -164,7 +164,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str | P
             hard_vocab_limit=False, minloglevel=2,
         )
     except RuntimeError as e:
-        raise UserError(f"training a sentencepiece model of {vocab_size} tokens for {out_path} failed: {e}") from None
+        raise UserError(f"training a sentencepiece model of {vocab_size} tokens for {out_path} failed: "
+                        f"{str(e).splitlines()[0].split('] ')[-1][:200]}") from None
     atomic_write_bytes(out_path, model.getvalue())
     return SentencePieceTokenizer(model.getvalue(), str(out_path))
 

@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from neo_jax.checkpoint import restore_failure
 from neo_jax.errors import UserError
 from neo_jax.train.config import CheckpointConfig
 
@@ -53,9 +54,9 @@ class TrainCheckpoints:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        except (ValueError, KeyError, FileNotFoundError) as e:
+        except Exception as e:  # the checkpoint and storage libraries raise many types for a damaged or foreign one
             raise UserError(f"{self.directory / str(step)}: cannot resume from this checkpoint; was it written "
-                            f"by a run with another stage, model or data.num_shards? ({e})") from None
+                            f"by a run with another stage, model or data.num_shards? ({restore_failure(e)})") from None
         return restored["state"]
 
     def wait(self) -> None:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from neo_jax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -53,15 +55,19 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of `run_dir/metrics.jsonl`, skipping a torn last line of a killed run."""
+    """All records of `run_dir/metrics.jsonl`, skipping a torn last line of a killed run; each record
+    is an object with an integer `step`."""
     path = Path(run_dir) / METRICS_FILE
     records = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for line_number, line in enumerate(f, 1):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise UserError(f"{path}:{line_number}: a metrics record needs an integer 'step'")
+            records.append(record)
     return records
 
 
