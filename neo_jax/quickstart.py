@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
          f"--examples {examples_path} --beams {config.beams} --limit {len(examples)} --seed {config.seed}"
          + (" --exclude-history" if config.exclude_history else ""))
     mesh = make_mesh(config.mesh)
-    generator = load_generator(tuned, root / "sids", mesh, root / "tokenizer")
+    generator = load_generator(tuned, root / "sids", mesh, root / "tokenizer", data_dir)
     model_metrics = evaluate_recommendations(generator, examples, beams=config.beams,
                                              exclude_history=config.exclude_history)
     say(PREFIX, f"eval: neo-jax eval language --ckpt {tuned} --base-ckpt {grounded} --sids {root / 'sids'} "
@@ -171,7 +172,33 @@ def run_quickstart(config: QuickstartConfig) -> dict:
                                                          [e.entity_type for e in examples], config.beams, histories),
               "checkpoint": str(tuned)}
     (root / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    _show_examples(generator, examples[:SHOWN_EXAMPLES], config.beams)
+    say(PREFIX, f"results: {root / 'result.json'}; `neo-jax report {root}` draws them")
+    say(PREFIX, f"next: neo-jax generate --ckpt {shlex.quote(str(tuned))} --prompt {_shell_word(examples[0].prompt)}")
     return result
+
+
+SHOWN_EXAMPLES = 3
+
+
+def _shell_word(text: str) -> str:
+    """`text` as one bash word on one line: `$'...'` (newlines as \\n) when it spans lines."""
+    if "\n" not in text:
+        return shlex.quote(text)
+    return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _show_examples(generator, examples, beams: int) -> None:
+    """Print a few held-out users' constrained recommendations, with titles, beside their real next item."""
+    from neo_jax.decode.generate import DecodeSettings
+    from neo_jax.eval.recommend import target_rows
+
+    settings = DecodeSettings(method="beam", max_new_tokens=8, beam_size=min(beams, 3))
+    decoded = generator.generate([e.prompt for e in examples], settings)
+    for example, target, continuations in zip(examples, target_rows(examples, generator), decoded):
+        named = [f'{item.item_id} "{item.title or ""}"' for c in continuations for item in c.items if item]
+        say(PREFIX, f"example: {example.prompt.splitlines()[-1][:80]!r} -> {'; '.join(named)} "
+                    f"(held out: {generator.sids.item_ids[target]})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -305,6 +305,11 @@ CASES += [
         w, s, lambda c: (c / "params" / "_METADATA").unlink())), "params", None),
     ("generate-ckpt-damaged-manifest", lambda w, s: _gen(w, "--prompt", "hi", ckpt=_damaged_checkpoint(
         w, s, lambda c: [_truncate(p) for p in (c / "params").rglob("manifest*") if p.is_file()])), "params", None),
+    ("generate-no-sids-and-none-recorded", lambda w, s: ["generate", "--ckpt", str(_damaged_checkpoint(
+        w, s, lambda c: (c / "tokenizer" / "sources.json").unlink())), "--prompt", "hi"], "--sids", None),
+    ("generate-recorded-sids-gone", lambda w, s: ["generate", "--ckpt", str(_damaged_checkpoint(
+        w, s, lambda c: _write(c / "tokenizer" / "sources.json", json.dumps({"sids": str(s / "gone")})))),
+        "--prompt", "hi"], "gone", None),
     ("generate-prompt-too-long", lambda w, s: _gen(w, "--prompt", "word " * 400), "context", None),
     # eval, more
     ("eval-negative-limit", lambda w, s: _eval(w, "--limit", "-1"), "positive", None),

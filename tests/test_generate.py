@@ -206,7 +206,7 @@ def cli_inputs(tmp_path_factory, random_decoder):
     MixedTokenizer(text, layout).save(root / "tokenizer")
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=layout.padded_size, num_real_tokens=layout.size,
                          hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1,
-                         head_dim=16, max_position_embeddings=96, eos_token_id=text.eos_id)
+                         head_dim=16, max_position_embeddings=256, eos_token_id=text.eos_id)
     save_model(root / "ckpt", random_decoder(config, seed=2), layout)
     return root, catalog
 
@@ -243,7 +243,7 @@ def test_generate_command_names_catalog_items_with_titles(cli_inputs, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", "task: recommend | type: planet | format: ids\nx"], "request 0: unknown entity type 'planet'"),
     (["--prompt", ""], "prompt 0 is empty"),
-    (["--prompt", "word " * 200], "exceeds the model's context of 96 tokens"),
+    (["--prompt", "word " * 200], "exceeds the model's context of 256 tokens"),
     (["--prompt", "hi", "--format", "ids", "--type", "{first_type}", "--beams", "1000"],
      "beam size 1000 is larger than the"),
     (["--prompt", "hi", "--exclude", "no-such-item"], "excluded item id 'no-such-item' is not in the SID catalog"),
@@ -276,3 +276,31 @@ def test_rank_items_gives_the_items_generate_names_in_the_same_order(cli_inputs)
     with pytest.raises(UserError, match="prompt 1: ranking items needs a task header asking for the 'ids' format, "
                                         "it has no header"):
         generator.rank_items([prompts[0], "what next?"], settings)
+
+
+def test_every_task_header_round_trips_through_the_generate_command(cli_inputs, capsys):
+    from neo_jax.tasks.builders import ANY_TYPE, TASK_FORMATS, TASKS, render_prompt
+    from neo_jax.vocab import format_sid
+
+    root, catalog = cli_inputs
+    product = catalog.type_names[0]
+    sid = format_sid(product, (0, 1))
+    fields = {"history": sid, "history_titled": sid, "query": "red", "sid": sid, "text": "red"}
+    cases = [(task, ANY_TYPE if task == "user_profile" else product, output_format)
+             for task in TASKS for output_format in TASK_FORMATS[task]]
+    argv = ["--ckpt", str(root / "ckpt"), "--sids", str(root / "sids"), "--tokenizer", str(root / "tokenizer"),
+            "--data", str(root / "data"), "--beams", "2", "--max-new-tokens", "8"]
+    for task, entity_type, output_format in cases:
+        argv += ["--prompt", render_prompt(task, entity_type, output_format, 0, **fields)]
+    code, lines, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert len(lines) == len(cases)
+    for (task, entity_type, output_format), line in zip(cases, lines):
+        assert line["prompt"].startswith(f"task: {task} | type: {entity_type} | format: {output_format}\n")
+        for beam in line["beams"]:
+            if output_format == "ids":  # one item, of the header's type
+                assert [item["type"] for item in beam["items"]] == [entity_type], (task, beam)
+            elif output_format == "text":
+                assert beam["items"] == [], (task, beam)
+            else:  # mixed: any SID the text names is a real item
+                assert all(item is not None and item["title"] is not None for item in beam["items"]), (task, beam)

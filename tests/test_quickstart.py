@@ -73,3 +73,27 @@ def test_second_run_skips_finished_steps(quickstart, capsys):
 
 def test_unknown_setting_is_named():
     assert main(["quickstart", "instruct_stesp=3"]) == 2
+
+
+def test_the_printed_generate_command_runs_with_only_the_checkpoint_and_names_titled_items(quickstart, capsys):
+    import shlex
+    import subprocess
+    import sys
+
+    out, result = quickstart
+    assert main(["quickstart", f"out={out}", *SMALL]) == 0
+    err = capsys.readouterr().err
+    examples = [line for line in err.splitlines() if "] example: " in line]
+    assert len(examples) == 3 and all('"' in line and "held out: " in line for line in examples)
+    printed = [line.split("next: ", 1)[1] for line in err.splitlines() if "] next: neo-jax generate " in line]
+    assert len(printed) == 1
+    # The words bash makes of the printed line, the program name replaced by a printer of its arguments.
+    printer = shlex.quote(sys.executable) + " -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+    words = subprocess.run(["bash", "-c", printer + printed[0][len("neo-jax"):]], capture_output=True, text=True,
+                           check=True).stdout
+    argv = json.loads(words)
+    assert argv[:2] == ["generate", "--ckpt"] and "--sids" not in argv and "--data" not in argv
+    assert main(argv) == 0, capsys.readouterr().err
+    beams = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["beams"]
+    items = [item for beam in beams for item in beam["items"]]
+    assert items and all(item is not None and item["title"] for item in items)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -94,8 +95,9 @@ def build_sids(config: SidsBuildConfig) -> dict:
             "output": config.output,
         }
         summary["seconds"] = round(time.perf_counter() - start, 3)
+        data = config.data if config.data == SYNTHETIC else str(Path(config.data).resolve())  # for `generate`'s titles
         write_sid_output(out_dir, SidOutput(trie, catalog.item_ids, assignment.entity_types(), summary),
-                         to_dict(config))
+                         {**to_dict(config), "data": data})
     return summary
 
 

@@ -56,6 +56,16 @@ def write_sid_output(directory: str | Path, output: SidOutput, config: dict[str,
     (directory / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
+def sid_data_dir(directory: str | Path) -> Path | None:
+    """The data directory a `sids build` directory was made from (its `config.json`), if it is one."""
+    path = Path(directory) / CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")).get("data")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return Path(data) if isinstance(data, str) and Path(data).is_dir() else None
+
+
 def load_sid_output(directory: str | Path) -> SidOutput:
     """Read a `sids build` directory; the item ids come from `sids.tsv` (one line per trie item)."""
     directory = Path(directory)

@@ -1,8 +1,12 @@
 """`neo-jax generate`: decode prompts with a checkpoint; every SID comes back as a catalog item.
 
-    neo-jax generate --ckpt CKPT --sids SIDS_DIR [--data DATA_DIR] \
+    neo-jax generate --ckpt RUN/final \
         --prompt $'task: recommend | type: product | format: ids\nHistory: ...' [--beams 8]
-    neo-jax generate --ckpt CKPT --sids SIDS_DIR --prompts requests.jsonl
+    neo-jax generate --ckpt RUN/final --prompts requests.jsonl [--sids SIDS_DIR] [--data DATA_DIR]
+
+A training run's `final/` carries its tokenizer, which records the SID directory it was built
+from, and that records its data directory: `--sids`, `--tokenizer` and `--data` (item titles)
+default to those.
 
 Prints one JSON line per prompt: `{"prompt", "beams": [{"text", "raw", "items": [{"id",
 "type", "title"}], "score", "log_prob", "finished"}]}`, beams best first. A requests file
@@ -14,22 +18,63 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
-from neo_jax.catalog.sid_output import load_sid_output
+from jax.sharding import Mesh
+
+from neo_jax.catalog.sid_output import load_sid_output, sid_data_dir
 from neo_jax.checkpoint import TOKENIZER, load_model, load_vocab_layout
 from neo_jax.data.loaders import load_items, read_records
 from neo_jax.decode.generate import DecodeSettings, Generator
 from neo_jax.errors import UserError
-from jax.sharding import Mesh
 from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
-from neo_jax.tokenizer import MixedTokenizer, load_text_tokenizer
+from neo_jax.tasks.builders import ANY_TYPE, TASK_FORMATS, TASKS, TEMPLATES, parse_header
+from neo_jax.tokenizer import SOURCES_FILE, MixedTokenizer, load_text_tokenizer, sids_source
+from neo_jax.vocab import format_sid
+
+
+TEXT_MAX_NEW_TOKENS = 96  # the default length of text and mixed answers
+
+
+def prompt_language() -> str:
+    """The prompt header, each task's formats and phrasings, and the output fields: `generate --help`'s epilog."""
+    def prose(text: str) -> str:
+        return textwrap.fill(text, width=100)
+
+    lines = ["The prompt language. A prompt's first line is its header:",
+             "  task: TASK | type: TYPE | format: FORMAT",
+             prose(f"TYPE is an entity type of the catalog, or '{ANY_TYPE}' for tasks about a user (any type may "
+                   "be named); FORMAT is 'ids' (exactly one item), 'text' (free text) or 'mixed' (text with items "
+                   "of the allowed types). An item is written as its SID, e.g. "
+                   f"{format_sid('product', (12, 200, 3))}. The lines after the header are the request, phrased "
+                   "as in the training data ({history}: the items' SIDs, oldest first; {history_titled}: the "
+                   "same with titles):")]
+    for task in TASKS:
+        lines.append(f"  {task} (formats: {', '.join(TASK_FORMATS[task])}):")
+        lines.extend(f"    {template!r}" for template in TEMPLATES[task])
+    lines += [prose("Next-item data built with `data tasks --window N` (the benchmark recipe) writes a recommend "
+                    "prompt as the header followed by the history's SIDs alone."),
+              "Example:",
+              "  neo-jax generate --ckpt RUN/final --beams 5 \\",
+              "    --prompt $'task: recommend | type: product | format: ids\\nHistory: [SID]...[/SID]\\n"
+              "Which product will this user choose next?'",
+              prose("A prompt without a header uses --type and --format. Output: one JSON line per prompt, "
+                    '{"prompt", "beams": [{"text", "raw", "items": [{"id", "type", "title"}], "score", "log_prob", '
+                    '"finished"}]}, beams best first; "text" writes each item as [type id "title"], "raw" as its '
+                    f"SID. --max-new-tokens defaults to what the formats need: one SID for 'ids', "
+                    f"{TEXT_MAX_NEW_TOKENS} tokens for 'text' and 'mixed' (less if the model's context is shorter).")]
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = prompt_language()
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (model_config.json, params/)")
-    parser.add_argument("--sids", required=True, help="output directory of `neo-jax sids build` (trie, sids.tsv)")
-    parser.add_argument("--data", default=None, help="data directory whose items file gives titles (optional)")
+    parser.add_argument("--sids", default=None, help="output directory of `neo-jax sids build` (trie, sids.tsv); "
+                                                     "default: the one the checkpoint's tokenizer was built from")
+    parser.add_argument("--data", default=None, help="data directory whose items file gives titles (default: the "
+                                                     "one the SIDs were built from, if it is still there)")
     parser.add_argument("--tokenizer", default=None,
                         help="MixedTokenizer directory (default: CKPT/tokenizer with CKPT's vocabulary layout)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -37,7 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts", help="JSONL file: one {\"prompt\": ..., \"exclude\": [item ids]} a line")
     parser.add_argument("--method", choices=("beam", "sample"), default="beam", help="beam search or sampling")
     parser.add_argument("--beams", type=int, default=4, help="beams (or samples) per prompt (default 4)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"tokens to generate at most (default: an item's SID for 'ids' prompts, "
+                             f"{TEXT_MAX_NEW_TOKENS} for 'text' and 'mixed')")
     parser.add_argument("--alpha", type=float, default=0.0, help="beam search length penalty (default 0)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
@@ -81,10 +128,29 @@ def load_tokenizer(ckpt: str | Path, tokenizer_dir: str | Path | None = None) ->
     return MixedTokenizer(load_text_tokenizer(ckpt / TOKENIZER), layout)
 
 
-def load_generator(ckpt: str | Path, sids_dir: str | Path, mesh: Mesh, tokenizer_dir: str | Path | None = None,
-                   data_dir: str | Path | None = None) -> Generator:
-    """A checkpoint, its tokenizer and a SID catalog, ready to generate (titles from `data_dir` if given)."""
+def resolve_sids_dir(ckpt: str | Path, sids_dir: str | Path | None, tokenizer_dir: str | Path | None) -> Path:
+    """`sids_dir`, else the SID directory the tokenizer (given, or the checkpoint's copy) was built from."""
+    if sids_dir is not None:
+        return Path(sids_dir)
+    tokenizer_dir = Path(ckpt) / TOKENIZER if tokenizer_dir is None else Path(tokenizer_dir)
+    recorded = sids_source(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    if recorded is None:
+        raise UserError(f"{tokenizer_dir}: no {SOURCES_FILE} naming the SID directory (a tokenizer built before "
+                        "it was recorded); pass --sids")
+    if not recorded.is_dir():
+        raise UserError(f"{tokenizer_dir / SOURCES_FILE}: its SID directory {recorded} is gone; pass --sids")
+    return recorded
+
+
+def load_generator(ckpt: str | Path, sids_dir: str | Path | None, mesh: Mesh,
+                   tokenizer_dir: str | Path | None = None, data_dir: str | Path | None = None,
+                   default_titles: bool = False) -> Generator:
+    """A checkpoint, its tokenizer and a SID catalog, ready to generate. Titles come from `data_dir`,
+    else (with `default_titles`) from the data directory the SIDs were built from, if it is still there."""
     tokenizer = load_tokenizer(ckpt, tokenizer_dir)
+    sids_dir = resolve_sids_dir(ckpt, sids_dir, tokenizer_dir)
+    if data_dir is None and default_titles:
+        data_dir = sid_data_dir(sids_dir)
     model = load_model(ckpt, mesh)
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
     if eos_id is None:
@@ -97,6 +163,10 @@ def load_generator(ckpt: str | Path, sids_dir: str | Path, mesh: Mesh, tokenizer
     return Generator(model, tokenizer, load_sid_output(sids_dir), int(eos_id), titles, mesh)
 
 
+def _prompt_format(prompt: str, default_format: str) -> str:
+    return parse_header(prompt).output_format if prompt.startswith("task:") else default_format
+
+
 def read_item_ids(path: str) -> list[str]:
     try:
         return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -106,10 +176,19 @@ def read_item_ids(path: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     prompts, excluded = read_requests(args)
-    settings = DecodeSettings(args.method, args.max_new_tokens, args.beams, args.alpha, args.temperature,
+    generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer, args.data,
+                               default_titles=True)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # enough for what the prompts ask: one SID, or a text answer
+        formats = {_prompt_format(p, args.format) for p in prompts}
+        max_levels = max(t.num_levels for t in generator.tokenizer.layout.entity_types)
+        # text answers: as long as the default allows, within the room the model's context leaves
+        room = generator.model.config.max_position_embeddings - max(len(generator.tokenizer.encode(p)) + 2
+                                                                    for p in prompts)
+        max_new_tokens = max_levels + 3 if formats == {"ids"} else max(1, min(TEXT_MAX_NEW_TOKENS, room))
+    settings = DecodeSettings(args.method, max_new_tokens, args.beams, args.alpha, args.temperature,
                               args.top_k, args.top_p)
     settings.check()
-    generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer, args.data)
     beams = generator.generate(prompts, settings, excluded_ids=excluded,
                                allowed_ids=None if args.in_stock is None else read_item_ids(args.in_stock),
                                default_types=args.types, default_format=args.format,

@@ -35,7 +35,7 @@ from neo_jax.errors import UserError
 from neo_jax.model.decoder import Decoder
 from neo_jax.model.kv_cache import KVCache, SharedPromptCache
 from neo_jax.sharding import batch_sharding
-from neo_jax.tasks.builders import parse_header
+from neo_jax.tasks.builders import ANY_TYPE, parse_header
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.vocab import VocabLayout, format_sid
 
@@ -306,7 +306,7 @@ class Generator:
                  constrained: bool = True, seed: int = 0) -> list[list[GeneratedText]]:
         """`[prompt][beam]` continuations. `excluded_ids[i]`: items prompt i must not name (its history);
         `allowed_ids`: the only items any prompt may name (in stock)."""
-        headers = [_prompt_target(p, default_types, default_format) for p in prompts]
+        headers = self._targets(prompts, default_types, default_format)
         # Constrained ID mode names one item: its prompt ends with `[SID]` and it decodes just the codes.
         codes_only = [constrained and output_format == "ids" for _, output_format in headers]
         result = self._decode(prompts, headers, codes_only, settings, excluded_ids, allowed_ids, constrained, seed)
@@ -320,7 +320,7 @@ class Generator:
         for the whole batch at once. Every prompt must ask for the `ids` format in its header."""
         if settings.method != "beam":
             raise UserError(f"ranking items needs beam search, not {settings.method!r}")
-        headers = [_prompt_target(p, None, "") for p in prompts]
+        headers = self._targets(prompts, None, "")
         for i, (_, output_format) in enumerate(headers):
             if output_format != "ids":
                 raise UserError(f"prompt {i}: ranking items needs a task header asking for the 'ids' format, "
@@ -355,6 +355,16 @@ class Generator:
             constraint = Unconstrained(layout.size)
         return decode(self.model, packed, constraint, settings, self.eos_id, self.mesh, seed)
 
+    def _targets(self, prompts: Sequence[str], default_types: Sequence[str] | None, default_format: str):
+        """`[(entity types or None, output format)]` of each prompt (`_prompt_target`)."""
+        targets = []
+        for i, prompt in enumerate(prompts):
+            try:
+                targets.append(_prompt_target(prompt, default_types, default_format, self.tokenizer.layout))
+            except UserError as e:
+                raise UserError(f"request {i}: {e}") from None
+        return targets
+
     def _rows(self, item_ids: Sequence[str], what: str) -> list[int]:
         unknown = [i for i in item_ids if i not in self.row_of_id]
         if unknown:
@@ -385,9 +395,17 @@ class Generator:
                              continuation.finished)
 
 
-def _prompt_target(prompt: str, default_types: Sequence[str] | None, default_format: str):
-    """`(entity types or None for all, output format)` from the prompt's header, else the defaults."""
-    if prompt.startswith("task:"):
-        header = parse_header(prompt)
-        return (header.entity_type,), header.output_format
-    return (None if default_types is None else tuple(default_types)), default_format
+def _prompt_target(prompt: str, default_types: Sequence[str] | None, default_format: str, layout: VocabLayout):
+    """`(entity types or None for all, output format)` of a prompt: from its header, else the defaults.
+
+    In `ids` the one item named is the header's type; in `mixed` the header's type is the target's,
+    and the text may mention items of any type the request allows (`default_types`, else all):
+    an explanation cites history items of other types. `any` (user-level tasks) allows every type."""
+    if not prompt.startswith("task:"):
+        return (None if default_types is None else tuple(default_types)), default_format
+    header = parse_header(prompt)
+    if header.entity_type != ANY_TYPE:
+        layout.type_index(header.entity_type)  # an unknown type is an error in every format
+    if header.entity_type == ANY_TYPE or header.output_format == "mixed":
+        return (None if default_types is None else tuple(default_types)), header.output_format
+    return (header.entity_type,), header.output_format

@@ -1,8 +1,8 @@
 """`neo-jax eval`: one JSON object per run.
 
-    neo-jax eval recommend --ckpt RUN/final --sids SIDS_DIR --examples TASKS/test.jsonl [--beams 20]
+    neo-jax eval recommend --ckpt RUN/final --examples TASKS/test.jsonl [--sids SIDS_DIR] [--beams 20]
                            [--exclude-history] [--limit N]
-    neo-jax eval language --ckpt RUN/final --sids SIDS_DIR --data DATA_DIR --examples TASKS/test.jsonl
+    neo-jax eval language --ckpt RUN/final --data DATA_DIR --examples TASKS/test.jsonl [--sids SIDS_DIR]
                           [--base-ckpt RUN_BEFORE/final] [--text FILE] [--items 200] [--users 200]
 
 `recommend`: recall@K, ndcg@K, users, and the share of beams that name a catalog item (decoding is
@@ -26,13 +26,16 @@ from neo_jax.eval.recommend import evaluate_recommendations, parse_ks, sample_ex
 from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
 from neo_jax.tasks.builders import read_examples
 
+SIDS_HELP = "output directory of `neo-jax sids build` (default: the one the checkpoint's tokenizer was built from)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
     recommend = commands.add_parser("recommend", help="Recall/NDCG@K of next-item recommendation",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     recommend.add_argument("--ckpt", required=True, type=Path, help="checkpoint directory (e.g. RUN_DIR/final)")
-    recommend.add_argument("--sids", required=True, type=Path, help="output directory of `neo-jax sids build`")
+    recommend.add_argument("--sids", default=None, type=Path,
+                           help=SIDS_HELP)
     recommend.add_argument("--examples", required=True, type=Path,
                            help="valid.jsonl or test.jsonl written by `neo-jax data tasks`")
     recommend.add_argument("--tokenizer", type=Path, default=None,
@@ -53,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     language = commands.add_parser("language", help="SID-to-text, steerability, valid-SID rate, perplexity",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     language.add_argument("--ckpt", required=True, type=Path, help="the tuned checkpoint (e.g. RUN_DIR/final)")
-    language.add_argument("--sids", required=True, type=Path, help="output directory of `neo-jax sids build`")
+    language.add_argument("--sids", default=None, type=Path,
+                           help=SIDS_HELP)
     language.add_argument("--data", required=True, type=Path, help="the data directory (the items' text)")
     language.add_argument("--examples", required=True, type=Path,
                           help="recommendation examples (valid.jsonl or test.jsonl of `neo-jax data tasks`), "

@@ -6,7 +6,7 @@
 - `mixed`: `MixedTokenizer`, which adds the vocabulary layout's specials and SID code tokens.
 """
 
-from neo_jax.tokenizer.mixed import LAYOUT_FILE, MixedTokenizer
+from neo_jax.tokenizer.mixed import LAYOUT_FILE, SOURCES_FILE, MixedTokenizer, sids_source
 from neo_jax.tokenizer.text import (
     HFTokenizer,
     SentencePieceTokenizer,
@@ -19,8 +19,10 @@ __all__ = [
     "HFTokenizer",
     "LAYOUT_FILE",
     "MixedTokenizer",
+    "SOURCES_FILE",
     "SentencePieceTokenizer",
     "TextTokenizer",
     "load_text_tokenizer",
+    "sids_source",
     "train_sentencepiece",
 ]

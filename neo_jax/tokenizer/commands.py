@@ -14,12 +14,12 @@ import re
 import sys
 from pathlib import Path
 
-from neo_jax.atomic import atomic_output_dir
+from neo_jax.atomic import atomic_output_dir, atomic_write_text
 from neo_jax.catalog.sid_output import load_sid_output
 from neo_jax.errors import UserError
 from neo_jax.model.config import ModelConfig
 from neo_jax.tasks.builders import read_examples
-from neo_jax.tokenizer.mixed import MixedTokenizer
+from neo_jax.tokenizer.mixed import SOURCES_FILE, MixedTokenizer
 from neo_jax.tokenizer.text import load_text_tokenizer, train_sentencepiece
 from neo_jax.vocab import DEFAULT_SPECIALS, SID_CODE_PATTERN, VocabLayout
 
@@ -75,6 +75,7 @@ def build_tokenizer(out_dir: Path, sids_dir: Path, text: Path | None = None, tra
                                 f"has {text_tokenizer.vocab_size} tokens")
         layout = VocabLayout(text_size=text_size, entity_types=entity_types, pad_multiple=pad_multiple)
         MixedTokenizer(text_tokenizer, layout).save(tmp)
+        atomic_write_text(tmp / SOURCES_FILE, json.dumps({"sids": str(Path(sids_dir).resolve())}, indent=2))
         (tmp / TRAINED_MODEL).unlink(missing_ok=True)  # saved again under the tokenizer's own file name
     return {"out_dir": str(out_dir), "text_size": layout.text_size, "specials": list(layout.specials),
             "entity_types": [{"name": t.name, "codebook_sizes": list(t.codebook_sizes)} for t in entity_types],

@@ -10,6 +10,7 @@ whenever the text tokenizer round-trips each piece (all tokenizers in `neo_jax.t
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,19 @@ from neo_jax.tokenizer.text import TextTokenizer, load_text_tokenizer
 from neo_jax.vocab import PAD, SID_CODE_PATTERN, VocabLayout, sid_code_string
 
 LAYOUT_FILE = "vocab_layout.json"
+SOURCES_FILE = "sources.json"  # {"sids": the `sids build` directory the layout was made from}
+
+
+def sids_source(directory: str | Path) -> Path | None:
+    """The SID directory a tokenizer directory was built from, as `tokenizer build` recorded it."""
+    path = Path(directory) / SOURCES_FILE
+    if not path.is_file():
+        return None
+    try:
+        sids = json.loads(path.read_text(encoding="utf-8")).get("sids")
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{path}: not a JSON object naming the tokenizer's SID directory") from None
+    return None if not isinstance(sids, str) else Path(sids)
 
 
 class MixedTokenizer:
