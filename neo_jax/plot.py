@@ -29,7 +29,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise UserError("plots need matplotlib: pip install 'neo_jax[plot]' (or pip install matplotlib)") from None
+        raise UserError("plots need matplotlib, a dependency of neo_jax: reinstall it (pip install -e .)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -115,7 +115,13 @@ def write_plots(run_dir: Path, out_dir: Path) -> list[Path]:
         raise UserError(f"{run_dir / METRICS_FILE} holds no numeric metrics yet")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    if TRAIN_LOSS in series or VALID_LOSS in series:  # training and validation loss on one axis
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw_loss_curves(ax, series, f"{run_dir.name}: loss")
+        written.append(save_figure(fig, out_dir / "loss.png"))
     for key, (steps, values) in sorted(series.items()):
+        if key in (TRAIN_LOSS, VALID_LOSS):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         draw_curve(ax, steps, values, ylabel=key)
         ax.set_title(f"{run_dir.name}: {key}")

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-import time
 from typing import Callable, Iterable, TypeVar
 
 import jax
@@ -29,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from neo_jax.config import MeshConfig
 from neo_jax.errors import UserError
+from neo_jax.progress import Progress
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -130,7 +129,7 @@ def load_sharded(abstract_model: M, read_param: Callable[[tuple, tuple[int, ...]
     """
     graphdef, abstract_state = nnx.split(abstract_model)
     flat = nnx.to_flat_state(abstract_state)
-    progress = Progress(len(flat), progress_label) if progress_label else None
+    progress = Progress(len(flat), label=progress_label, unit="array") if progress_label else None
     loaded = []
     for path, variable in flat:
         value = variable.get_value()
@@ -139,26 +138,10 @@ def load_sharded(abstract_model: M, read_param: Callable[[tuple, tuple[int, ...]
         loaded.append((path, variable.replace(
             jax.make_array_from_callback(value.shape, sharding, lambda index, host=host: host[index]))))
         if progress:
-            progress.step("/".join(map(str, path)))
+            progress.update(len(loaded), {"last": "/".join(map(str, path))}, force=len(loaded) == len(flat))
+    if progress:
+        progress.close()
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
-
-
-class Progress:
-    """One stderr line per step, at most every two seconds (and always for the last)."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.done = total, label, 0
-        self.start = self.last = time.monotonic()
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if self.done == self.total or now - self.last >= 2.0:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate
-            print(f"{self.label}: {self.done}/{self.total} ({what}) {rate:.1f}/s, ETA {eta:.0f}s",
-                  file=sys.stderr, flush=True)
 
 
 # -- command line ------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -29,7 +28,7 @@ from neo_jax.tasks.builders import (TASKS, WINDOW_SAMPLING, TaskConfig, build_ev
                                     load_sid_map, read_examples, write_examples)
 from neo_jax.tasks.records import write_records
 from neo_jax.tokenizer import MixedTokenizer
-from neo_jax.train.monitor import Progress
+from neo_jax.progress import Progress
 
 SPLITS = ("train", "valid", "test")
 SUMMARY_FILE = "summary.json"
@@ -171,11 +170,11 @@ def _tasks(args: argparse.Namespace) -> dict:
 
 
 def _with_progress(items: list, label: str) -> Iterator:
-    progress = Progress(total_steps=len(items))
-    print(f"tokenizing {label}: {len(items)} examples", file=sys.stderr, flush=True)
+    progress = Progress(len(items), label=f"tokenizing {label}", unit="example")
     for count, item in enumerate(items, start=1):
         yield item
-        progress.update(count, {}, force=count == len(items))
+        progress.update(count, force=count == len(items))
+    progress.close()
 
 
 def _records(args: argparse.Namespace) -> dict:

@@ -21,7 +21,6 @@ import collections
 import dataclasses
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +37,7 @@ from neo_jax.model.decoder import Decoder
 from neo_jax.model.loss import masked_cross_entropy
 from neo_jax.tasks.builders import OUTPUT_FORMATS, TaskExample, parse_header, render_prompt
 from neo_jax.tokenizer import MixedTokenizer
-from neo_jax.train.monitor import Progress
+from neo_jax.progress import Progress
 from neo_jax.vocab import SID_CLOSE, SID_CODE_PATTERN, SID_OPEN, format_sid
 
 _SID_SPAN = re.compile(re.escape(SID_OPEN) + ".*?" + re.escape(SID_CLOSE), re.DOTALL)
@@ -104,7 +103,7 @@ def sid_to_text_accuracy(generator: Generator, catalog: Catalog, items: int, see
     settings = DecodeSettings(method="sample", max_new_tokens=min(longest, MAX_TEXT_TOKENS, room), beam_size=1,
                               temperature=0.0)
     exact, f1 = [], []
-    progress = Progress(total_steps=len(rows), stream=sys.stderr) if show_progress else None
+    progress = Progress(len(rows), label="sid_to_text", unit="item") if show_progress else None
     for batch in _batches(len(rows), batch_size):
         decoded = generator.generate(_padded([prompts[i] for i in batch], batch_size), settings)
         for i, beams in zip(batch, decoded):
@@ -112,7 +111,7 @@ def sid_to_text_accuracy(generator: Generator, catalog: Catalog, items: int, see
             exact.append(normalise(text) == normalise(references[i]))
             f1.append(word_f1(text, references[i]))
         if progress is not None:
-            progress.update(batch.stop, {})
+            progress.update(batch.stop)
     return {"items": len(rows), "exact_match": float(np.mean(exact)), "word_f1": float(np.mean(f1))}
 
 
@@ -165,7 +164,7 @@ def steerability(generator: Generator, examples: Sequence[TaskExample], beams: i
         raise UserError("no examples to measure steerability on")
     settings = DecodeSettings(method="beam", max_new_tokens=max_new_tokens, beam_size=beams)
     checks: dict[str, list[BeamCheck]] = {f: [] for f in OUTPUT_FORMATS}
-    progress = Progress(total_steps=len(examples) * len(OUTPUT_FORMATS), stream=sys.stderr) if show_progress else None
+    progress = Progress(len(examples) * len(OUTPUT_FORMATS), label="steerability", unit="prompt") if show_progress else None
     done = 0
     for output_format in OUTPUT_FORMATS:
         for batch in _batches(len(examples), batch_size):
@@ -176,7 +175,7 @@ def steerability(generator: Generator, examples: Sequence[TaskExample], beams: i
                 checks[output_format] += [check_beam(c, example.entity_type, output_format) for c in continuations]
             done += len(batch)
             if progress is not None:
-                progress.update(done, {})
+                progress.update(done)
     every = [c for format_checks in checks.values() for c in format_checks]
     typed = [c.asked_type for c in every if c.asked_type is not None]
     written = sum(c.sids for c in every)

@@ -9,7 +9,6 @@ items. The constraint guarantees each is a real catalog item of the asked type.
 
 from __future__ import annotations
 
-import sys
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
@@ -22,7 +21,7 @@ from neo_jax.eval.metrics import ranking_metrics
 from neo_jax.model.decoder import Decoder
 from neo_jax.tasks.builders import TaskExample, parse_header
 from neo_jax.tokenizer import MixedTokenizer
-from neo_jax.train.monitor import Progress
+from neo_jax.progress import Progress
 from neo_jax.vocab import SID_CODE_PATTERN
 
 T = TypeVar("T")
@@ -97,7 +96,7 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
     settings = DecodeSettings(method="beam", max_new_tokens=max_levels + 3, beam_size=beams)  # [SID] codes [/SID] eos
     ranked = np.full((len(examples), beams), -1, np.int64)  # [examples, beams] catalog rows, best first
     named = 0
-    progress = Progress(total_steps=len(examples), stream=sys.stderr) if show_progress else None
+    progress = Progress(len(examples), label="eval", unit="user") if show_progress else None
     # Batches of similar prompt lengths pad less; results go back to the examples' own order.
     order = np.argsort([len(e.prompt) for e in examples], kind="stable")  # [examples]
     for start in range(0, len(examples), batch_size):
@@ -110,7 +109,7 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
         named += int((rows >= 0).sum())  # [batch, beams] rows, -1 for filler beams
         ranked[indices] = rows
         if progress is not None:
-            progress.update(min(start + batch_size, len(examples)), {})
+            progress.update(min(start + batch_size, len(examples)))
     metrics = ranking_metrics(ranked, targets, ks)
     metrics["users"] = len(examples)
     metrics["beams_naming_an_item"] = named / (len(examples) * beams)

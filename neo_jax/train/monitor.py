@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from neo_jax.errors import UserError
 
@@ -78,31 +77,13 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-class Progress:
-    """A one-line progress report: step, loss, tokens/s, MFU and ETA, at most every `interval` s."""
-
-    def __init__(self, total_steps: int, start_step: int = 0, interval: float = 2.0,
-                 stream: TextIO | None = None):
-        self.total_steps = total_steps
-        self.start_step = start_step
-        self.interval = interval
-        self.stream = stream or sys.stderr
-        self._start = time.monotonic()
-        self._last_print = -math.inf
-
-    def update(self, step: int, metrics: dict[str, Any], force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_print < self.interval:
-            return
-        self._last_print = now
-        done = step - self.start_step
-        elapsed = now - self._start
-        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
-        parts = [f"step {step}/{self.total_steps}"]
-        for key in ("loss", "tokens_per_s", "mfu"):
-            if key in metrics:
-                value = float(metrics[key])
-                parts.append(f"{key} {value:.2%}" if key == "mfu" else
-                             f"{key} {value:,.0f}" if key == "tokens_per_s" else f"{key} {value:.4f}")
-        parts.append(f"ETA {format_duration(eta) if math.isfinite(eta) else '--:--'}")
-        print(" | ".join(parts), file=self.stream, flush=True)
+def progress_fields(metrics: dict[str, Any]) -> dict[str, str]:
+    """The training metrics the progress line shows, formatted: loss, tokens/s, MFU."""
+    fields = {}
+    if "loss" in metrics:
+        fields["loss"] = f"{float(metrics['loss']):.4f}"
+    if "tokens_per_s" in metrics:
+        fields["tokens/s"] = f"{float(metrics['tokens_per_s']):,.0f}"
+    if "mfu" in metrics:
+        fields["mfu"] = f"{float(metrics['mfu']):.2%}"
+    return fields

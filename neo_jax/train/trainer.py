@@ -51,7 +51,8 @@ from neo_jax.train.checkpointing import PreemptionWatch, TrainCheckpoints, abstr
 from neo_jax.train.config import TrainConfig, check_against_mesh, check_resume_schedule, check_settings
 from neo_jax.train.flops import matmul_params, measured_peak_flops, mfu, train_flops_per_token
 from neo_jax.train.input import train_batches, validation_batches
-from neo_jax.train.monitor import MetricsLog, Progress
+from neo_jax.progress import Progress
+from neo_jax.train.monitor import MetricsLog, progress_fields
 from neo_jax.train.stages import StagePlan, learning_rate_schedule, make_optimizer, make_plan
 from neo_jax.train.step import (StepFunctions, TrainState, Unlikelihood, make_steps, new_train_state,
                                 train_state_shardings)
@@ -295,7 +296,7 @@ class _Monitor:
     def __init__(self, config: TrainConfig, start_step: int):
         self.is_main = jax.process_index() == 0
         self.log = MetricsLog(config.run_dir) if self.is_main else None
-        self.progress = Progress(config.steps, start_step) if self.is_main else None
+        self.progress = Progress(config.steps, label="train", start=start_step) if self.is_main else None
         self.total_steps = config.steps
         if self.is_main:
             atomic_write_text(Path(config.run_dir) / CONFIG_FILE, json.dumps(to_dict(config), indent=2))
@@ -303,11 +304,12 @@ class _Monitor:
     def record(self, step: int, metrics: dict[str, float]) -> None:
         if self.is_main:
             self.log.write(step, metrics)
-            self.progress.update(step, metrics, force=step == self.total_steps)
+            self.progress.update(step, progress_fields(metrics), force=step == self.total_steps)
 
     def close(self) -> None:
         if self.is_main:
             self.log.close()
+            self.progress.close()
 
 
 def _run_steps(run: _Run, monitor: _Monitor, preemption: PreemptionWatch,
