@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from neo_jax.errors import UserError
@@ -80,5 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run_cli() -> None:
+    """The `neo-jax` program: `main`, then exit. A failed command exits at once, without the
+    interpreter's teardown, where the checkpoint library's abandoned reads of a damaged checkpoint
+    would print tracebacks after the one error line (everything the command wrote is final by then)."""
+    code = main()
+    if code != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli()
