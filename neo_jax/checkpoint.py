@@ -15,8 +15,10 @@ its sharding on the given mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +91,9 @@ def load_model(directory: str | Path, mesh: Mesh, dtype: str | None = None) -> D
         with ocp.StandardCheckpointer() as checkpointer:
             # A foreign model is refused from the metadata: a restore into the wrong shapes fails
             # inside the library's threads, which then print tracebacks at interpreter exit.
-            _check_stored_shapes(directory, checkpointer.metadata(directory / PARAMS).item_metadata, target)
+            with _library_warnings_silenced():  # an unreadable metadata file is reported below, in one line
+                stored = checkpointer.metadata(directory / PARAMS).item_metadata
+            _check_stored_shapes(directory, stored, target)
             restored = checkpointer.restore(directory / PARAMS, target)
     except UserError:
         raise
@@ -102,6 +106,8 @@ def load_model(directory: str | Path, mesh: Mesh, dtype: str | None = None) -> D
 
 def _check_stored_shapes(directory: Path, stored: Any, target: Any) -> None:
     """Refuse a `params/` whose arrays (names and shapes) are not those of `model_config.json`'s model."""
+    if stored is None:
+        raise UserError(f"{directory / PARAMS}: its array metadata cannot be read (a damaged or partial checkpoint)")
     def shapes(tree) -> dict[str, tuple[int, ...]]:
         return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
                 for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
@@ -115,6 +121,18 @@ def _check_stored_shapes(directory: Path, stored: Any, target: Any) -> None:
                    else f"it has {extra[0]!r} that {MODEL_CONFIG}'s model does not ({len(extra)} extra)")
     if problem is not None:
         raise UserError(f"{directory / PARAMS}: not the parameters of the model in {MODEL_CONFIG}: {problem}")
+
+
+@contextlib.contextmanager
+def _library_warnings_silenced():
+    """Hold back the checkpoint library's absl warnings (it logs, then returns None, for unreadable metadata)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def restore_failure(error: Exception, limit: int = 160) -> str:

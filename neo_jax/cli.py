@@ -81,10 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _drop_abandoned_read_callbacks(unraisable) -> None:
+    """`sys.unraisablehook` that drops one known message: the storage library's callbacks for reads that
+    a failed restore abandoned, arriving after the checkpoint library closed their event loop. The
+    restore's failure is already reported in one line; everything else goes to the default hook."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def run_cli() -> None:
     """The `neo-jax` program: `main`, then exit. A failed command exits at once, without the
     interpreter's teardown, where the checkpoint library's abandoned reads of a damaged checkpoint
     would print tracebacks after the one error line (everything the command wrote is final by then)."""
+    sys.unraisablehook = _drop_abandoned_read_callbacks
     code = main()
     if code != 0:
         sys.stdout.flush()
