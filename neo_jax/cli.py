@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("neo_jax.decode.commands", "decode prompts with SID-constrained beam search or sampling"),
     "eval": ("neo_jax.eval.commands", "evaluate a checkpoint: recommendation Recall/NDCG@K, the language side"),
     "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
+    "export": ("neo_jax.export.commands", "export a checkpoint, tokenizer, SIDs and titles as a serving bundle"),
     "plot": ("neo_jax.plot", "write PNG training curves of a run directory"),
     "report": ("neo_jax.report", "a Markdown page with PNG plots of a bench rec, quickstart or train run directory"),
     "baseline": ("neo_jax.baselines.commands", "train and evaluate a baseline recommender (`baseline sasrec`)"),

@@ -108,6 +108,19 @@ def _other_model(ckpt: Path) -> None:
     (ckpt / "model_config.json").write_text(json.dumps(config))
 
 
+def _damaged_bundle(w: dict, scratch: Path, damage: Callable[[Path], None]) -> Path:
+    """The workspace's checkpoint exported as a serving bundle, then damaged."""
+    bundle = scratch / "bundle"
+    assert main(["export", str(w["ckpt"]), str(bundle)]) == 0
+    damage(bundle)
+    return bundle
+
+
+def _bundle_version(bundle: Path, version: int) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+
+
 def _metrics_without_step(scratch: Path) -> Path:
     run = scratch / "run"
     _write(run / "metrics.jsonl", json.dumps({"loss": 1.0}) + "\n")
@@ -424,6 +437,17 @@ CASES += [
      "eval_split", "out"),
     ("quickstart-unknown-setting", lambda w, s: ["quickstart", f"out={s / 'out'}", "instruct_stesp=3"],
      "instruct_stesp", "out"),
+    # serving bundles: export, and generate --bundle
+    ("bundle-export-missing-ckpt", lambda w, s: ["export", str(s / "nowhere"), str(s / "out")], "nowhere", "out"),
+    ("bundle-export-out-exists", lambda w, s: ["export", str(w["ckpt"]), str((s / "out").mkdir() or s / "out")],
+     "overwrite", None),
+    ("bundle-export-missing-data", lambda w, s: ["export", str(w["ckpt"]), str(s / "out"), "--data",
+                                                 str(s / "nowhere")], "nowhere", "out"),
+    ("bundle-missing", lambda w, s: ["generate", "--bundle", str(s / "nowhere"), "--prompt", "hi"], "nowhere", None),
+    ("bundle-truncated-param", lambda w, s: ["generate", "--bundle", str(_damaged_bundle(
+        w, s, lambda b: _truncate(b / "params" / "embed_tokens.bin"))), "--prompt", "hi"], "embed_tokens.bin", None),
+    ("bundle-unknown-version", lambda w, s: ["generate", "--bundle", str(_damaged_bundle(
+        w, s, lambda b: _bundle_version(b, 99))), "--prompt", "hi"], "format version 99", None),
 ]
 
 

@@ -42,6 +42,9 @@ def test_every_phase_reports_and_every_beam_is_an_item(bench):
     assert set(result["phase_seconds"]) >= {"sids", "tasks", "train", "eval model (history_kept)",
                                             "baseline sasrec", "baseline transition (history_excluded)"}
     assert len(result["sids"]["prefix_coherence"]["product"]) >= 1
+    repeats = result["history_repeats"]  # history kept: how often the ranking names what the user has
+    assert set(repeats) == {"history_first", "history_share@1", "history_share@5"}
+    assert 0.0 <= repeats["history_share@5"] <= 1.0 and repeats["history_first"] == repeats["history_share@1"]
 
 
 def test_rerun_skips_finished_phases(bench, capsys):

@@ -1,10 +1,11 @@
-"""Recall/NDCG@K of `ranking_metrics` against values computed by hand, at K = 1, 5, 10, 20."""
+"""Recall/NDCG@K of `ranking_metrics` against values computed by hand, at K = 1, 5, 10, 20, and the
+history-repeat shares of `history_repeats`."""
 
 import numpy as np
 import pytest
 
 from neo_jax.errors import UserError
-from neo_jax.eval.metrics import ranking_metrics
+from neo_jax.eval.metrics import history_repeats, ranking_metrics
 
 KS = (1, 5, 10, 20)
 
@@ -76,3 +77,18 @@ def test_bad_cutoffs_are_clear_errors():
         ranking_metrics(ranked, targets, ks=(0, 5))
     with pytest.raises(UserError, match="positive cutoffs"):
         ranking_metrics(ranked, targets, ks=())
+
+
+def test_history_repeats_count_first_places_and_slots():
+    ranked = np.array([[5, 1, 2, 3],    # first item is a history item; 2 of the top 2 slots are too
+                       [9, 8, 5, -1],   # history {5}: only slot 3; -1 pads never count
+                       [7, 6, 4, 3]])   # empty history
+    histories = [{5, 1}, {5, -1}, set()]
+    m = history_repeats(ranked, histories, ks=(2, 4))
+    assert m["history_first"] == pytest.approx(1 / 3)
+    assert m["history_share@2"] == pytest.approx(2 / 6)
+    assert m["history_share@4"] == pytest.approx(3 / 12)
+    with pytest.raises(UserError, match="asked for @5"):
+        history_repeats(ranked, histories, ks=(5,))
+    with pytest.raises(UserError, match="one history per user"):
+        history_repeats(ranked, histories[:2])

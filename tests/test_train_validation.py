@@ -100,6 +100,7 @@ def test_excluding_all_but_ten_items_of_the_type_ranks_exactly_those_ten(recall_
     metrics = evaluate_recommendations(generator, with_history, beams=10, batch_size=4, show_progress=False,
                                        exclude_history=True)
     assert metrics["recall@10"] == 1.0 and metrics["beams_naming_an_item"] == 1.0
+    assert metrics["history_first"] == metrics["history_share@10"] == 0.0  # excluded: no beam repeats the history
 
 
 @pytest.mark.parametrize("prompt, message", [

@@ -228,6 +228,7 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
                                  **{name: metrics[protocol] for name, metrics in baselines.items()}}
                       for protocol in ("history_kept", "history_excluded")},
         "valid_item_rate": {protocol: model[protocol]["beams_naming_an_item"] for protocol in model},
+        "history_repeats": {k: v for k, v in model["history_kept"].items() if k.startswith("history_")},
         "sids": {k: sids_summary.get(k) for k in ("collision_rate_before", "collision_rate_after", "codebook_use",
                                                  "prefix_coherence")},
         "phase_seconds": clock.seconds,

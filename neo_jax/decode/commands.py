@@ -3,10 +3,12 @@
     neo-jax generate --ckpt RUN/final \
         --prompt $'task: recommend | type: product | format: ids\nHistory: ...' [--beams 8]
     neo-jax generate --ckpt RUN/final --prompts requests.jsonl [--sids SIDS_DIR] [--data DATA_DIR]
+    neo-jax generate --bundle BUNDLE --prompt ...
 
 A training run's `final/` carries its tokenizer, which records the SID directory it was built
 from, and that records its data directory: `--sids`, `--tokenizer` and `--data` (item titles)
-default to those.
+default to those. A serving bundle (`neo-jax export`) holds all of them and is verified against
+its manifest before it is used.
 
 Prints one JSON line per prompt: `{"prompt", "beams": [{"text", "raw", "items": [{"id",
 "type", "title"}], "score", "log_prob", "finished"}]}`, beams best first. A requests file
@@ -26,8 +28,9 @@ from jax.sharding import Mesh
 from neo_jax.catalog.sid_output import load_sid_output, sid_data_dir
 from neo_jax.checkpoint import TOKENIZER, load_model, load_vocab_layout
 from neo_jax.data.loaders import load_items, read_records
-from neo_jax.decode.generate import DecodeSettings, Generator
+from neo_jax.decode.generate import DecodeSettings, Generator, eos_token_id
 from neo_jax.errors import UserError
+from neo_jax.export.bundle import load_bundle
 from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
 from neo_jax.tasks.builders import ANY_TYPE, TASK_FORMATS, TASKS, TEMPLATES, parse_header
 from neo_jax.tokenizer import SOURCES_FILE, MixedTokenizer, load_text_tokenizer, sids_source
@@ -70,7 +73,10 @@ def prompt_language() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = prompt_language()
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (model_config.json, params/)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="checkpoint directory (model_config.json, params/)")
+    model.add_argument("--bundle", help="serving bundle written by `neo-jax export` (model, tokenizer, SIDs and "
+                                        "titles in one directory, verified before use); instead of --ckpt")
     parser.add_argument("--sids", default=None, help="output directory of `neo-jax sids build` (trie, sids.tsv); "
                                                      "default: the one the checkpoint's tokenizer was built from")
     parser.add_argument("--data", default=None, help="data directory whose items file gives titles (default: the "
@@ -152,15 +158,11 @@ def load_generator(ckpt: str | Path, sids_dir: str | Path | None, mesh: Mesh,
     if data_dir is None and default_titles:
         data_dir = sid_data_dir(sids_dir)
     model = load_model(ckpt, mesh)
-    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
-    if eos_id is None:
-        raise UserError("neither the tokenizer nor the model config names an EOS token")
-    eos_id = eos_id[0] if isinstance(eos_id, tuple) else eos_id
     titles = None
     if data_dir is not None:
-        catalog = load_items(_items_file(Path(data_dir)))
+        catalog = load_items(items_file(data_dir))
         titles = {item_id: catalog.title(row) for row, item_id in enumerate(catalog.item_ids)}
-    return Generator(model, tokenizer, load_sid_output(sids_dir), int(eos_id), titles, mesh)
+    return Generator(model, tokenizer, load_sid_output(sids_dir), eos_token_id(tokenizer, model.config), titles, mesh)
 
 
 def _prompt_format(prompt: str, default_format: str) -> str:
@@ -176,8 +178,13 @@ def read_item_ids(path: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     prompts, excluded = read_requests(args)
-    generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer, args.data,
-                               default_titles=True)
+    if args.bundle is not None:
+        if args.sids or args.tokenizer or args.data:
+            raise UserError("--sids, --tokenizer and --data go with --ckpt; a bundle carries its own")
+        generator = load_bundle(args.bundle, mesh_from_arguments(args))
+    else:
+        generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer, args.data,
+                                   default_titles=True)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # enough for what the prompts ask: one SID, or a text answer
         formats = {_prompt_format(p, args.format) for p in prompts}
@@ -199,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _items_file(data_dir: Path) -> Path:
+def items_file(data_dir: str | Path) -> Path:
+    """The items file of a data directory (`items.jsonl`, else `items.tsv`), where titles are read."""
+    data_dir = Path(data_dir)
     for name in ("items.jsonl", "items.tsv"):
         if (data_dir / name).is_file():
             return data_dir / name

@@ -32,6 +32,7 @@ from neo_jax.decode.sampling import check_sampling_settings, sample
 from neo_jax.decode.sid_tables import SidTables
 from neo_jax.decode.state import DecodeResult, TokensToLogits, is_alive
 from neo_jax.errors import UserError
+from neo_jax.model.config import ModelConfig
 from neo_jax.model.decoder import Decoder
 from neo_jax.model.kv_cache import KVCache, SharedPromptCache
 from neo_jax.sharding import batch_sharding
@@ -244,6 +245,14 @@ def resolve(result: DecodeResult, layout: VocabLayout, trie: SidTrie, codes_only
                                     float(scores[b, k]), bool(finished[b, k])))
         out.append(row)
     return out
+
+
+def eos_token_id(tokenizer: MixedTokenizer, config: ModelConfig) -> int:
+    """The id that ends an answer: the tokenizer's EOS, else the model config's (the first, if it lists several)."""
+    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else config.eos_token_id
+    if eos_id is None:
+        raise UserError("neither the tokenizer nor the model config names an EOS token")
+    return int(eos_id[0] if isinstance(eos_id, tuple) else eos_id)
 
 
 @dataclasses.dataclass(frozen=True)

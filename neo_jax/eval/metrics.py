@@ -6,6 +6,9 @@ relevant item, Recall@K is the hit rate and NDCG@K is `1 / log2(rank + 2)` at th
 target's 0-based rank, 0 when it is missing. A list that holds the target more than once
 counts its first (best) position only, so a user's Recall@K never exceeds 1. Any K from 1 to
 the lists' length can be asked for, e.g. `ks=(1, 5, 10, 20)`.
+
+`history_repeats` measures how often a ranking names what the user already has: on a dataset
+without repeat purchases (Amazon Beauty has none) every such slot is wasted.
 """
 
 from __future__ import annotations
@@ -36,4 +39,22 @@ def ranking_metrics(ranked: np.ndarray, targets: np.ndarray, ks: tuple[int, ...]
         found = first < k  # [users]
         metrics[f"recall@{k}"] = float(found.mean())
         metrics[f"ndcg@{k}"] = float(np.where(found, 1.0 / np.log2(first + 2.0), 0.0).mean())
+    return metrics
+
+
+def history_repeats(ranked: np.ndarray, histories: list[set[int]], ks: tuple[int, ...] = (10,)) -> dict[str, float]:
+    """`history_first`: the share of users whose first-ranked item is in their history;
+    `history_share@K`: the share of the top-K slots naming a history item. `ranked` `[users,
+    max_k]` item rows best first (-1 pads), `histories` each user's item rows."""
+    ranked = np.asarray(ranked)
+    if ranked.ndim != 2 or len(histories) != ranked.shape[0]:
+        raise UserError(f"ranked must be [users, k] with one history per user, got {ranked.shape} "
+                        f"and {len(histories)} histories")
+    if max(ks) > ranked.shape[1]:
+        raise UserError(f"asked for @{max(ks)} but the ranked lists hold {ranked.shape[1]} items")
+    in_history = np.stack([np.isin(row, np.fromiter(history, np.int64, len(history)))
+                           for row, history in zip(ranked, histories)]) & (ranked >= 0)  # [users, max_k]
+    metrics = {"history_first": float(in_history[:, 0].mean())}
+    for k in ks:
+        metrics[f"history_share@{k}"] = float(in_history[:, :k].mean())
     return metrics

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from neo_jax.catalog.sid_output import SidOutput
 from neo_jax.decode.generate import DecodeSettings, Generator
 from neo_jax.errors import UserError
-from neo_jax.eval.metrics import ranking_metrics
+from neo_jax.eval.metrics import history_repeats, ranking_metrics
 from neo_jax.model.decoder import Decoder
 from neo_jax.tasks.builders import TaskExample, parse_header
 from neo_jax.tokenizer import MixedTokenizer
@@ -71,7 +71,9 @@ def parse_ks(text: str) -> tuple[int, ...]:
 def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExample], beams: int = 10,
                              batch_size: int = 16, ks: tuple[int, ...] = (5, 10),
                              show_progress: bool = True, exclude_history: bool = False) -> dict[str, float]:
-    """Recall@K and NDCG@K over `examples` (K <= beams), with the share of beams naming a real item.
+    """Recall@K and NDCG@K over `examples` (K <= beams), with the share of beams naming a real item
+    and, where the examples list their histories, how often the ranking names a history item
+    (`history_first`, `history_share@K`: see `history_repeats`).
 
     With `exclude_history` the constraint keeps each user's history (`TaskExample.history`) out
     of the beams."""
@@ -111,6 +113,9 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
         if progress is not None:
             progress.update(min(start + batch_size, len(examples)))
     metrics = ranking_metrics(ranked, targets, ks)
+    if all(e.history for e in examples):
+        histories = [{generator.row_of_id[i] for i in e.history if i in generator.row_of_id} for e in examples]
+        metrics.update(history_repeats(ranked, histories, ks))
     metrics["users"] = len(examples)
     metrics["beams_naming_an_item"] = named / (len(examples) * beams)
     return metrics
