@@ -57,6 +57,7 @@ class StageSettings:
     weight_decay: float | None = None  # default: 0 for grounding, 0.1 otherwise
     dropout: float = 0.0
     unlikelihood: float = 0.0  # weight of the history unlikelihood term (`TrainConfig.unlikelihood`)
+    ema_decay: float = 0.0  # weight average (`OptimizerConfig.ema_decay`); 0: none
     compute_dtype: str = "float32"  # or bfloat16 (an accelerator); the weights stay float32
     evaluations: int = 4  # validation losses (and checkpoints) over the run
     eval_batches: int = 4
@@ -82,7 +83,7 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
         "optimizer": {"learning_rate": settings.learning_rate,
                       "warmup_steps": (max(1, settings.steps // 10) if settings.warmup_steps is None
                                        else settings.warmup_steps),
-                      "weight_decay": weight_decay},
+                      "weight_decay": weight_decay, "ema_decay": settings.ema_decay},
         "checkpoint": {"every_steps": every, "keep": 2},
         "eval": {"every_steps": every, "batches": settings.eval_batches},
     }

@@ -74,6 +74,7 @@ class RecBenchConfig:
     weight_decay: float = 0.1
     dropout: float = 0.0  # on the decoder's embeddings and residual branches, training only
     unlikelihood: float = 0.0  # weight of the history unlikelihood term (`neo-jax train`'s `unlikelihood`)
+    ema_decay: float = 0.0  # an exponential moving average of the weights is evaluated (`optimizer.ema_decay`)
     batch_size: int = 16
     seq_len: int = 256
     beams: int = 20
@@ -201,7 +202,7 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     stage = StageSettings(stage="instruct", steps=config.steps, learning_rate=config.learning_rate,
                           batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, mesh=config.mesh,
                           warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-                          dropout=config.dropout, unlikelihood=config.unlikelihood,
+                          dropout=config.dropout, unlikelihood=config.unlikelihood, ema_decay=config.ema_decay,
                           compute_dtype=config.compute_dtype, log_every=50)
     if backbone is None:
         model_path = root / "model.yaml"
@@ -211,7 +212,7 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     else:  # stage 2 (the SID rows learn, every pre-trained weight stays), then stage 3 from it
         grounding = dataclasses.replace(stage, stage="grounding", steps=config.grounding_steps,
                                         learning_rate=config.grounding_learning_rate, warmup_steps=None,
-                                        weight_decay=None, dropout=0.0, unlikelihood=0.0)
+                                        weight_decay=None, dropout=0.0, unlikelihood=0.0, ema_decay=0.0)
         grounded = clock.run("train grounding", train_stage, PREFIX, root / "train_grounding", grounding,
                              {"checkpoint": str(backbone)}, root / "records", root / "tokenizer")
         init = {"checkpoint": str(grounded)}

@@ -72,6 +72,9 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # on matrices only (not norm scales or biases)
     clip_norm: float = 1.0  # 0 turns clipping off
+    # An exponential moving average of the weights at this decay (0: none): evaluation, Recall
+    # hooks and the saved model use the average (`neo_jax.train.step.ema_update`).
+    ema_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +171,8 @@ def check_settings(config: TrainConfig) -> None:
     if opt.learning_rate <= 0 or opt.warmup_steps < 0 or not 0 <= opt.end_lr_ratio <= 1 or opt.clip_norm < 0:
         raise UserError("optimizer: learning_rate must be positive, warmup_steps and clip_norm non-negative, "
                         f"end_lr_ratio in [0, 1]; got {opt}")
+    if not 0.0 <= opt.ema_decay < 1.0:
+        raise UserError(f"optimizer.ema_decay must be in [0, 1) (0: no weight average), got {opt.ema_decay}")
     if config.lora.rank < 0:
         raise UserError(f"lora.rank must be non-negative, got {config.lora.rank}")
     if config.lora.rank and config.stage != "instruct":
@@ -239,7 +244,9 @@ def _check_recall(config: TrainConfig) -> None:
 
 # The settings the learning-rate schedule is built from (`neo_jax.train.stages.learning_rate_schedule`:
 # warm-up, then cosine decay over `steps`).
-SCHEDULE_SETTINGS = ("steps", "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.end_lr_ratio")
+SCHEDULE_SETTINGS = ("steps", "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.end_lr_ratio",
+                     "optimizer.ema_decay")
+SETTING_DEFAULTS = {"optimizer.ema_decay": 0.0}  # for a run saved before the setting existed
 
 
 def _setting(values: dict, name: str):
@@ -250,7 +257,8 @@ def _setting(values: dict, name: str):
 
 def schedule_settings(values: dict) -> dict[str, object]:
     """The `SCHEDULE_SETTINGS` of a config as a plain dict (`neo_jax.config.to_dict`), by dotted name."""
-    return {name: _setting(values, name) for name in SCHEDULE_SETTINGS}
+    settings = {name: _setting(values, name) for name in SCHEDULE_SETTINGS}
+    return {name: SETTING_DEFAULTS.get(name) if value is None else value for name, value in settings.items()}
 
 
 def check_resume_schedule(saved: dict, config: TrainConfig, latest_step: int, final: str | Path) -> None:
@@ -258,7 +266,7 @@ def check_resume_schedule(saved: dict, config: TrainConfig, latest_step: int, fi
 
     `saved` is the run's own config as saved in `RUN_DIR/train_config.json` (a plain dict);
     `final` is where the run writes its model (`RUN_DIR/final`).
-    Resuming with another `steps` (or learning rate, warm-up, end ratio) would rebuild the
+    Resuming with another `steps` (or learning rate, warm-up, end ratio, weight-average decay) would rebuild the
     schedule mid-run and jump the learning rate at the restored step; instead, finish the run
     with its own settings, or train further in a new run_dir initialised from `RUN_DIR/final`.
     """

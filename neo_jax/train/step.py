@@ -3,6 +3,8 @@
 The train state is a plain pytree, so orbax saves it and a restore can lay it out on
 any mesh:
     {'step': int32 [], 'trainable': {'model': ..., 'lora': ...}, 'frozen': ..., 'opt': optax state}
+and, with an exponential moving average of the weights (`ema_decay` > 0), 'ema': a pytree like
+'trainable', the weights that evaluation and the saved model use.
 A step splits the global batch `[batch, seq_len]` into `grad_accum_steps` micro-batches
 and runs them through `lax.scan`, summing the completion-token loss and its gradient;
 dividing by the total completion-token count at the end makes the update the same as
@@ -32,9 +34,28 @@ Batch = dict[str, jax.Array]  # tokens, targets, loss_mask, segment_ids, positio
 DATA_AXES = ("data", "fsdp")
 
 
-def new_train_state(params: Params, plan: StagePlan, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+def new_train_state(params: Params, plan: StagePlan, tx: optax.GradientTransformation, key: jax.Array,
+                    ema: bool = False) -> TrainState:
+    """The state at step 0; with `ema`, the weight average starts as a copy of the trainable weights."""
     trainable, frozen = plan.split(params, key)
-    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen, "opt": tx.init(trainable)}
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen, "opt": tx.init(trainable)}
+    if ema:
+        state["ema"] = jax.tree.map(jnp.copy, trainable)
+    return state
+
+
+def evaluated_weights(state: TrainState) -> Params:
+    """The trainable weights that evaluation and the saved model use: the average where there is one."""
+    return state.get("ema", state["trainable"])
+
+
+def ema_update(ema: Params, trainable: Params, masks: Params, step: jax.Array, decay: float) -> Params:
+    """One step of the weight average: `d * ema + (1 - d) * trainable` with `d = min(decay, (1 + t) /
+    (10 + t))` at step `t` (the average warms up, as in TensorFlow's ExponentialMovingAverage); where
+    the masks freeze a value, the average keeps its bits (it started as that value)."""
+    t = step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p, m: jnp.where(m, d * e + (1.0 - d) * p, e), ema, trainable, masks)
 
 
 def train_state_shardings(abstract_state: TrainState, param_shardings: Params, plan: StagePlan,
@@ -47,7 +68,11 @@ def train_state_shardings(abstract_state: TrainState, param_shardings: Params, p
                            "lora": jax.tree.map(lambda _: replicated, abstract_state["trainable"]["lora"])}
     opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state["opt"],
                                           trainable_shardings, transform_non_params=lambda _: replicated)
-    return {"step": replicated, "trainable": trainable_shardings, "frozen": frozen_shardings, "opt": opt_shardings}
+    shardings = {"step": replicated, "trainable": trainable_shardings, "frozen": frozen_shardings,
+                 "opt": opt_shardings}
+    if "ema" in abstract_state:
+        shardings["ema"] = trainable_shardings
+    return shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,14 +124,16 @@ class StepFunctions:
 def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransformation, masks: Params,
                schedule: optax.Schedule, grad_accum_steps: int, state_shardings: TrainState,
                mesh: Mesh, dropout: float = 0.0, seed: int = 0,
-               unlikelihood: Unlikelihood | None = None) -> StepFunctions:
+               unlikelihood: Unlikelihood | None = None, ema_decay: float = 0.0) -> StepFunctions:
     """The jitted train step (donates its state) and eval step.
 
     With `dropout` > 0 the train step drops the model's embeddings and residual branches at
     that rate, its masks drawn from `seed`, the step and the micro-batch index: a resumed run
     draws the same masks. The eval step never drops. With `unlikelihood` the train step adds the
     history unlikelihood term (logged as `unlikelihood`, per completion token); the eval step's
-    loss is the cross-entropy alone, comparable across runs."""
+    loss is the cross-entropy alone, comparable across runs. With `ema_decay` > 0 (the state then
+    holds 'ema') the train step updates the weight average (`ema_update`) and the eval step scores
+    the average."""
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_in = batch_sharding(mesh, 2)
     loss_and_grad = jax.value_and_grad(_loss_sum, has_aux=True)
@@ -132,8 +159,10 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
         denominator = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         updates, opt = tx.update(grads, state["opt"], trainable)
-        new_state = {"step": state["step"] + 1, "frozen": frozen, "opt": opt,
-                     "trainable": apply_masked_updates(trainable, updates, masks)}
+        new_trainable = apply_masked_updates(trainable, updates, masks)
+        new_state = {"step": state["step"] + 1, "frozen": frozen, "opt": opt, "trainable": new_trainable}
+        if ema_decay:
+            new_state["ema"] = ema_update(state["ema"], new_trainable, masks, state["step"], ema_decay)
         metrics = {"loss": loss_sum / denominator, "loss_tokens": weight_sum, "learning_rate": schedule(state["step"]),
                    "grad_norm": optax.tree.norm(jax.tree.map(lambda g, m: g * m, grads, masks))}
         if unlikelihood is not None:
@@ -141,7 +170,7 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
         return new_state, metrics
 
     def eval_step(state: TrainState, batch: Batch):
-        _, (loss, weight, _) = _loss_sum(state["trainable"], state["frozen"], batch, graphdef, plan)
+        _, (loss, weight, _) = _loss_sum(evaluated_weights(state), state["frozen"], batch, graphdef, plan)
         return loss, weight
 
     return StepFunctions(

@@ -54,8 +54,8 @@ from neo_jax.train.input import train_batches, validation_batches
 from neo_jax.progress import Progress
 from neo_jax.train.monitor import MetricsLog, progress_fields
 from neo_jax.train.stages import StagePlan, learning_rate_schedule, make_optimizer, make_plan
-from neo_jax.train.step import (StepFunctions, TrainState, Unlikelihood, make_steps, new_train_state,
-                                train_state_shardings)
+from neo_jax.train.step import (StepFunctions, TrainState, Unlikelihood, evaluated_weights, make_steps,
+                                new_train_state, train_state_shardings)
 from neo_jax.vocab import VocabLayout
 
 FINAL_DIR = "final"
@@ -194,7 +194,8 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     abstract_trainable, _ = jax.eval_shape(lambda p: plan.split(p, key), abstract_params)
     masks = plan.update_masks(abstract_trainable)
     tx = make_optimizer(config.optimizer, config.steps, masks)
-    init_state = lambda params: new_train_state(params, plan, tx, key)
+    ema_decay = config.optimizer.ema_decay
+    init_state = lambda params: new_train_state(params, plan, tx, key, ema=ema_decay > 0)
     abstract_state = jax.eval_shape(init_state, abstract_params)
     shardings = train_state_shardings(abstract_state, param_shardings, plan, tx, mesh)
 
@@ -219,7 +220,8 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     unlikelihood = (Unlikelihood(config.unlikelihood, layout.code_level_table(), config.unlikelihood_from_level)
                     if config.unlikelihood else None)
     steps = make_steps(graphdef, plan, tx, masks, learning_rate_schedule(config.optimizer, config.steps),
-                       config.grad_accum_steps, shardings, mesh, config.dropout, config.seed, unlikelihood)
+                       config.grad_accum_steps, shardings, mesh, config.dropout, config.seed, unlikelihood,
+                       ema_decay)
     flops_per_token = train_flops_per_token(matmul_params(abstract_params), model_config.num_layers,
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
@@ -247,8 +249,9 @@ def validation_loss(run: _Run) -> float:
 
 
 def current_model(run: _Run) -> Decoder:
-    """The model as trained so far (adapters merged), on the run's mesh."""
-    params = run.merge_params(run.state["trainable"], run.state["frozen"])
+    """The model as trained so far (adapters merged; the weight average where `optimizer.ema_decay`
+    keeps one), on the run's mesh."""
+    params = run.merge_params(evaluated_weights(run.state), run.state["frozen"])
     return nnx.merge(run.graphdef, params)
 
 
