@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("neo_jax.eval.commands", "evaluate a checkpoint: recommendation Recall/NDCG@K, the language side"),
     "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
     "export": ("neo_jax.export.commands", "export a checkpoint, tokenizer, SIDs and titles as a serving bundle"),
+    "serve": ("neo_jax.serve.commands", "serve a bundle over HTTP: generate, recommend and search, dynamically batched"),
     "plot": ("neo_jax.plot", "write PNG training curves of a run directory"),
     "report": ("neo_jax.report", "a Markdown page with PNG plots of a bench rec, quickstart or train run directory"),
     "baseline": ("neo_jax.baselines.commands", "train and evaluate a baseline recommender (`baseline sasrec`)"),
@@ -37,6 +38,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "trie": ("neo_jax.bench.trie", "SID trie build time, bytes and peak memory for a synthetic N-item catalog"),
     "decode": ("neo_jax.bench.decode", "constrained vs unconstrained vs host-trie beam search ms/step by catalog size"),
     "rec": ("neo_jax.bench.rec", "the generative recommender vs SASRec, transition and popularity on one dataset"),
+    "serve": ("neo_jax.bench.serve", "HTTP serving requests/s and latency: concurrent clients vs one at a time"),
 }
 
 

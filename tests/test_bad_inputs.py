@@ -448,6 +448,13 @@ CASES += [
         w, s, lambda b: _truncate(b / "params" / "embed_tokens.bin"))), "--prompt", "hi"], "embed_tokens.bin", None),
     ("bundle-unknown-version", lambda w, s: ["generate", "--bundle", str(_damaged_bundle(
         w, s, lambda b: _bundle_version(b, 99))), "--prompt", "hi"], "format version 99", None),
+    # serve, and bench serve
+    ("serve-missing-bundle", lambda w, s: ["serve", str(s / "nowhere"), "--port", "0"], "nowhere", None),
+    ("serve-bad-port", lambda w, s: ["serve", str(s / "nowhere"), "--port", "70000"], "port", None),
+    ("serve-unreadable-token-file", lambda w, s: ["serve", str(s / "nowhere"), "--token-file",
+                                                  str(s / "none.txt")], "none.txt", None),
+    ("bench-serve-missing-bundle", lambda w, s: ["bench", "serve", "--bundle", str(s / "nowhere")], "nowhere",
+     None),
 ]
 
 
