@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("neo_jax.eval.commands", "evaluate a checkpoint: recommendation Recall/NDCG@K, the language side"),
     "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),
     "export": ("neo_jax.export.commands", "export a checkpoint, tokenizer, SIDs and titles as a serving bundle"),
-    "serve": ("neo_jax.serve.commands", "serve a bundle over HTTP: generate, recommend and search, dynamically batched"),
+    "serve": ("neo_jax.serve.commands", "serve a bundle over HTTP: generate, recommend and search, batched"),
     "plot": ("neo_jax.plot", "write PNG training curves of a run directory"),
     "report": ("neo_jax.report", "a Markdown page with PNG plots of a bench rec, quickstart or train run directory"),
     "baseline": ("neo_jax.baselines.commands", "train and evaluate a baseline recommender (`baseline sasrec`)"),
