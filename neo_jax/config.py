@@ -124,16 +124,26 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
+def _build(cls: type[T], values: dict[str, Any], where: str, base: T | None = None) -> T:
+    """`cls` from `values`; every setting `values` does not name keeps its value in `base` (default:
+    the field defaults of `cls`). A section given as a mapping is built on the section it replaces,
+    so `embedding.collab.epochs=1` changes that one setting and keeps the rest of `embedding`, even
+    where the enclosing config's default for `embedding` is not `EmbeddingConfig()`."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         full = f"{where}.{key}" if where else key
-        if key not in names:
-            raise ConfigError(f"unknown setting '{full}'{_nearest(key, names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+        if key not in fields:
+            raise ConfigError(f"unknown setting '{full}'{_nearest(key, list(fields))}")
+        section = getattr(base, key) if base is not None else fields[key].default
+        if dataclasses.is_dataclass(hints[key]) and isinstance(section, hints[key]) and isinstance(value, dict):
+            kwargs[key] = _build(hints[key], value, full, section)
+        else:
+            kwargs[key] = _coerce(value, hints[key], full)
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
+    missing = [f.name for f in fields.values() if f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         names = ", ".join(f"'{where}.{m}'" if where else f"'{m}'" for m in missing)

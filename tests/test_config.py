@@ -85,3 +85,47 @@ def test_missing_required_setting_is_named(tmp_path):
     path.write_text("layers: 3\n")
     with pytest.raises(ConfigError, match=r"model.yaml: missing required setting 'hidden'"):
         load_config(Required, path)
+
+
+def _section_leaves(config, prefix=""):
+    """(dotted name, value) of the first scalar setting of every nested section of `config`."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            scalars = [f.name for f in dataclasses.fields(value)
+                       if isinstance(getattr(value, f.name), (bool, int, float, str))]
+            if scalars:
+                yield f"{prefix}{field.name}.{scalars[0]}", getattr(value, scalars[0])
+            yield from _section_leaves(value, f"{prefix}{field.name}.")
+
+
+def _config_classes():
+    from neo_jax.baselines.train import SasRecTrainConfig
+    from neo_jax.bench.rec import RecBenchConfig
+    from neo_jax.catalog.commands import SidsBuildConfig
+    from neo_jax.quickstart import QuickstartConfig
+    from neo_jax.train.config import TrainConfig
+    return [QuickstartConfig, RecBenchConfig, SidsBuildConfig, SasRecTrainConfig, TrainConfig]
+
+
+@pytest.mark.parametrize("cls", _config_classes(), ids=lambda cls: cls.__name__)
+def test_an_override_changes_only_the_setting_it_names(cls):
+    """Overriding one setting of a section (with its own value) leaves the whole config at its
+    defaults: the rest of the section is the enclosing config's default, not the section class's
+    (the quickstart's `embedding` is fused, `EmbeddingConfig()`'s is not)."""
+    defaults = cls()
+    leaves = list(_section_leaves(defaults))
+    assert leaves, cls.__name__
+    for dotted, value in leaves:
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        assert load_config(cls, None, [f"{dotted}={text}"]) == defaults, dotted
+
+
+def test_an_override_keeps_the_file_values_of_its_section(tmp_path):
+    from neo_jax.quickstart import QuickstartConfig
+    path = tmp_path / "qs.yaml"
+    path.write_text("embedding:\n  text_encoder: minilm\n  collab:\n    dim: 48\n")
+    config = load_config(QuickstartConfig, path, ["embedding.collab.epochs=1"])
+    assert (config.embedding.source, config.embedding.text_encoder) == ("fused", "minilm")  # default, file
+    assert (config.embedding.collab.dim, config.embedding.collab.epochs) == (48, 1)  # file, override
+    assert config.embedding.text.dim == 128  # the quickstart's own default, not TextEncoderConfig's 256

@@ -35,6 +35,9 @@ def test_every_step_writes_its_output_and_metrics_are_ranking_figures(quickstart
         assert 0.0 <= model[name] <= 1.0 and 0.0 <= result["popularity_baseline"][name] <= 1.0
     assert model["ndcg@5"] <= model["recall@5"]
     assert model["beams_naming_an_item"] == 1.0  # ID mode under the constraint: every beam is a catalog item
+    # the quickstart's own embedding (text fused with collaborative, 128 + 32 dimensions), which
+    # the override of one of its settings (embedding.collab.epochs) keeps
+    assert json.loads((out / "sids" / "summary.json").read_text())["embedding"] == {"source": "fused", "dim": 160}
 
 
 def test_language_figures_are_shares_and_perplexities(quickstart):
