@@ -174,12 +174,22 @@ def run_quickstart(config: QuickstartConfig) -> dict:
               "checkpoint": str(tuned)}
     (root / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     _show_examples(generator, examples[:SHOWN_EXAMPLES], config.beams)
+    say(PREFIX, f"scale: a {_parameter_count(generator.model) / 1e6:.1f}M-parameter decoder from random weights, "
+                f"{config.grounding_steps} + {config.instruct_steps} training steps, {len(examples)} evaluated users: "
+                "it shows the path working end to end, not what the model can reach; for the longer run "
+                "`--config configs/quickstart_full.yaml`, for the public benchmark `neo-jax bench rec --dataset beauty`")
     say(PREFIX, f"results: {root / 'result.json'}; `neo-jax report {root}` draws them")
     say(PREFIX, f"next: neo-jax generate --ckpt {shlex.quote(str(tuned))} --prompt {_shell_word(examples[0].prompt)}")
     return result
 
 
 SHOWN_EXAMPLES = 3
+
+
+def _parameter_count(model) -> int:
+    import jax
+    from flax import nnx
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def _shell_word(text: str) -> str:

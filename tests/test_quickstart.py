@@ -88,6 +88,8 @@ def test_the_printed_generate_command_runs_with_only_the_checkpoint_and_names_ti
     err = capsys.readouterr().err
     examples = [line for line in err.splitlines() if "] example: " in line]
     assert len(examples) == 3 and all('"' in line and "held out: " in line for line in examples)
+    scale = [line for line in err.splitlines() if "] scale: " in line]  # honest about what it is
+    assert len(scale) == 1 and "M-parameter decoder from random weights, 2 + 3 training steps, 6 evaluated" in scale[0]
     printed = [line.split("next: ", 1)[1] for line in err.splitlines() if "] next: neo-jax generate " in line]
     assert len(printed) == 1
     # The words bash makes of the printed line, the program name replaced by a printer of its arguments.
