@@ -64,9 +64,9 @@ class QuickstartConfig:
     batch_size: int = 16
     seq_len: int = 256
     # Sized to answer within 5 minutes on a 2-core CPU; configs/quickstart_full.yaml trains 200 + 800 steps.
-    grounding_steps: int = 100
+    grounding_steps: int = 60
     grounding_lr: float = 1e-2
-    instruct_steps: int = 300
+    instruct_steps: int = 400
     instruct_lr: float = 3e-3
     eval_split: str = "valid"  # `valid` or `test`: which held-out item of each user is scored
     eval_users: int = 300  # users decoded at the end, a seeded sample (0: all)
