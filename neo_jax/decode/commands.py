@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from neo_jax.catalog.sid_output import load_sid_output, sid_data_dir
 from neo_jax.checkpoint import TOKENIZER, load_model, load_vocab_layout
 from neo_jax.data.loaders import load_items, read_records
-from neo_jax.decode.generate import DecodeSettings, Generator, eos_token_id
+from neo_jax.decode.generate import DecodeSettings, Generator, eos_token_id, sid_answer_tokens
 from neo_jax.errors import UserError
 from neo_jax.export.bundle import load_bundle
 from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
@@ -188,11 +188,10 @@ def run(args: argparse.Namespace) -> int:
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # enough for what the prompts ask: one SID, or a text answer
         formats = {_prompt_format(p, args.format) for p in prompts}
-        max_levels = max(t.num_levels for t in generator.tokenizer.layout.entity_types)
         # text answers: as long as the default allows, within the room the model's context leaves
         room = generator.model.config.max_position_embeddings - max(len(generator.tokenizer.encode(p)) + 2
                                                                     for p in prompts)
-        max_new_tokens = max_levels + 3 if formats == {"ids"} else max(1, min(TEXT_MAX_NEW_TOKENS, room))
+        max_new_tokens = sid_answer_tokens(generator.tokenizer.layout) if formats == {"ids"} else max(1, min(TEXT_MAX_NEW_TOKENS, room))
     settings = DecodeSettings(args.method, max_new_tokens, args.beams, args.alpha, args.temperature,
                               args.top_k, args.top_p)
     settings.check()

@@ -247,6 +247,11 @@ def resolve(result: DecodeResult, layout: VocabLayout, trie: SidTrie, codes_only
     return out
 
 
+def sid_answer_tokens(layout: VocabLayout) -> int:
+    """New tokens an answer of one SID takes: `[SID]`, the codes of the deepest type, `[/SID]`, EOS."""
+    return max(t.num_levels for t in layout.entity_types) + 3
+
+
 def eos_token_id(tokenizer: MixedTokenizer, config: ModelConfig) -> int:
     """The id that ends an answer: the tokenizer's EOS, else the model config's (the first, if it lists several)."""
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else config.eos_token_id

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from neo_jax.catalog.sid_output import SidOutput
-from neo_jax.decode.generate import DecodeSettings, Generator
+from neo_jax.decode.generate import DecodeSettings, Generator, sid_answer_tokens
 from neo_jax.errors import UserError
 from neo_jax.eval.metrics import history_repeats, ranking_metrics
 from neo_jax.model.decoder import Decoder
@@ -94,8 +94,8 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
         raise UserError("--exclude-history needs examples that list the user's history; rebuild them with "
                         "`neo-jax data tasks`")
     targets = target_rows(examples, generator)  # [examples]
-    max_levels = max(t.num_levels for t in generator.tokenizer.layout.entity_types)
-    settings = DecodeSettings(method="beam", max_new_tokens=max_levels + 3, beam_size=beams)  # [SID] codes [/SID] eos
+    settings = DecodeSettings(method="beam", max_new_tokens=sid_answer_tokens(generator.tokenizer.layout),
+                              beam_size=beams)
     ranked = np.full((len(examples), beams), -1, np.int64)  # [examples, beams] catalog rows, best first
     named = 0
     progress = Progress(len(examples), label="eval", unit="user") if show_progress else None

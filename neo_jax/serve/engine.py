@@ -25,7 +25,7 @@ from typing import Sequence
 import jax
 
 from neo_jax.decode.commands import TEXT_MAX_NEW_TOKENS
-from neo_jax.decode.generate import SHAPE_MULTIPLE, DecodeSettings, GeneratedText, Generator
+from neo_jax.decode.generate import SHAPE_MULTIPLE, DecodeSettings, GeneratedText, Generator, sid_answer_tokens
 from neo_jax.errors import UserError
 from neo_jax.serve.metrics import Metrics
 from neo_jax.tasks.builders import ANY_TYPE
@@ -108,7 +108,7 @@ class Engine:
     def __init__(self, generator: Generator, plan: ShapePlan, metrics: Metrics):
         layout = generator.tokenizer.layout
         self.generator, self.plan, self.metrics = generator, plan, metrics
-        self.ids_tokens = max(t.num_levels for t in layout.entity_types) + 3  # `[SID]`, codes, `[/SID]`, EOS
+        self.ids_tokens = sid_answer_tokens(layout)
         context = generator.model.config.max_position_embeddings
         longest = plan.widths[-1] + max(plan.text_tokens, self.ids_tokens)
         if longest > context:
