@@ -17,6 +17,7 @@ import yaml
 from neo_jax.cli import main as cli_main
 from neo_jax.config import MeshConfig, load_config
 from neo_jax.errors import UserError
+from neo_jax.json_file import read_json_object
 
 
 # The decoder whole-path commands train from random weights: a small Llama-style model (about 1M
@@ -61,14 +62,18 @@ class StageSettings:
     compute_dtype: str = "float32"  # or bfloat16 (an accelerator); the weights stay float32
     evaluations: int = 4  # validation losses (and checkpoints) over the run
     eval_batches: int = 4
+    # More `neo-jax train` eval settings (`EvalConfig`): the Recall validation and model selection,
+    # e.g. {"recall_examples": ..., "recall_sids": ..., "recall_users": 2000, "select": "valid_ndcg@10"}.
+    eval_extra: dict = dataclasses.field(default_factory=dict)
     log_every: int = 10
 
 
 def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict, records: Path,
                 tokenizer: Path) -> Path:
-    """Train one stage into `run_dir` (resuming it if it has checkpoints); the final model's directory."""
+    """Train one stage into `run_dir` (resuming it if it has checkpoints); the final model's directory,
+    or the selected one's (`RUN_DIR/best`) when `eval_extra` sets `select`."""
     from neo_jax.train.config import TrainConfig
-    from neo_jax.train.trainer import train
+    from neo_jax.train.trainer import SELECTION_FILE, train
 
     every = max(1, settings.steps // settings.evaluations)
     weight_decay = settings.weight_decay
@@ -85,7 +90,7 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
                                        else settings.warmup_steps),
                       "weight_decay": weight_decay, "ema_decay": settings.ema_decay},
         "checkpoint": {"every_steps": every, "keep": 2},
-        "eval": {"every_steps": every, "batches": settings.eval_batches},
+        "eval": {"every_steps": every, "batches": settings.eval_batches, **settings.eval_extra},
     }
     config_path = run_dir.parent / f"{run_dir.name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -96,4 +101,9 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
                         f"to resume")
     if result.loss is not None:  # None when the stage had already finished
         say(prefix, f"train {settings.stage}: loss {result.loss:.4f}, valid_loss {result.valid_loss}")
+    if result.best_dir is not None:
+        selection = read_json_object(Path(result.best_dir) / SELECTION_FILE)
+        say(prefix, f"train {settings.stage}: selected the model of step {selection['step']} "
+                    f"({selection['metric']} {selection['value']:.4f}): {result.best_dir}")
+        return Path(result.best_dir)
     return Path(result.final_dir)

@@ -16,7 +16,8 @@ SMALL = ["steps=4", "batch_size=8", "seq_len=128", "window=6", "beams=5", "ks=[1
          "model.num_layers=1", "model.head_dim=8", "embedding.text_encoder=hashed_tfidf",
          "embedding.text.dim=32", "embedding.collab.epochs=1", "embedding.collab.dim=8",
          "sids.codebook_sizes=[8,8]", "sids.type_codebook_sizes={brand: [8], creator: [8]}",
-         "sasrec.epochs=1", "sasrec.model.hidden=16", "sasrec.model.max_len=8"]
+         "sasrec.epochs=1", "sasrec.model.hidden=16", "sasrec.model.max_len=8",
+         "evaluations=2", "select=valid_ndcg@10", "select_users=8"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,9 @@ def test_every_phase_reports_and_every_beam_is_an_item(bench):
     assert set(result["phase_seconds"]) >= {"sids", "tasks", "train", "eval model (history_kept)",
                                             "baseline sasrec", "baseline transition (history_excluded)"}
     assert len(result["sids"]["prefix_coherence"]["product"]) >= 1
+    # model selection: the evaluated model is the one of the best of the 3 validations (steps 0, 2, 4)
+    assert result["checkpoint"] == str(root / "run" / "train" / "best")
+    assert result["selected"]["metric"] == "valid_ndcg@10" and result["selected"]["step"] in (0, 2, 4)
     repeats = result["history_repeats"]  # history kept: how often the ranking names what the user has
     assert set(repeats) == {"history_first", "history_share@1", "history_share@5"}
     assert 0.0 <= repeats["history_share@5"] <= 1.0 and repeats["history_first"] == repeats["history_share@1"]

@@ -69,6 +69,9 @@ def run_train(dataset, *overrides):
      "eval.recall_sids: /nonexistent/sids"),
     ([f"eval.recall_examples={TINY_GROUNDING}", "eval.recall_sids=/tmp", "eval.recall_beams=5"],
      "eval.recall_beams"),
+    (["eval.select=valid_accuracy"], "eval.select: unknown metric 'valid_accuracy'"),
+    (["eval.select=valid_ndcg@10"], "eval.select=valid_ndcg@10 needs eval.recall_examples"),
+    (["eval.select=valid_loss", "eval.every_steps=0"], "eval.select needs evaluations"),
 ])
 def test_bad_settings_stop_before_compiling_with_one_line(dataset, no_compiling, capsys, overrides, named):
     assert run_train(dataset, *overrides) == 2

@@ -1,6 +1,9 @@
-"""Periodic Recall@K validation during training: logged at every evaluation, equal to `neo-jax eval recommend`."""
+"""Periodic Recall@K validation during training: logged at every evaluation, equal to `neo-jax eval recommend`;
+model selection (`eval.select`) keeps the model of the best evaluation, across a resume."""
 
 import dataclasses
+import json
+import shutil
 
 import grain
 import jax
@@ -12,14 +15,15 @@ from neo_jax.catalog.table import build_trie
 from neo_jax.config import MeshConfig
 from neo_jax.decode.commands import load_generator
 from neo_jax.errors import UserError
-from neo_jax.eval.recommend import evaluate_recommendations, target_rows
+from neo_jax.eval.recommend import evaluate_recommendations, sample_examples, target_rows
 from neo_jax.sharding import make_mesh
 from neo_jax.tasks.builders import TaskExample, read_examples, write_examples
 from neo_jax.tasks.records import TokenizedExample, record_paths
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.train.monitor import read_metrics
-from neo_jax.train.trainer import train
-from train_fixtures import tiny_config, write_catalog_dataset
+from neo_jax.train.config import SELECTABLE_METRICS
+from neo_jax.train.trainer import BEST_DIR, SELECTION_FILE, train
+from train_fixtures import tiny_config, write_catalog_dataset, write_dataset
 
 RECALL_KEYS = ("valid_recall@5", "valid_recall@10", "valid_ndcg@10")
 USERS = 8
@@ -57,7 +61,7 @@ def recall_run(tmp_path_factory):
     config = tiny_config(root, "run", ("seq_len=128", "steps=4", "eval.every_steps=2", "checkpoint.every_steps=100",
                                        f"eval.recall_examples={root / 'valid.jsonl'}",
                                        f"eval.recall_sids={root / 'sids'}", f"eval.recall_users={USERS}",
-                                       "eval.recall_beams=10"))
+                                       "eval.recall_beams=10", "eval.select=valid_ndcg@10"))
     return root, config, train(config)
 
 
@@ -77,10 +81,61 @@ def test_recall_equals_the_evaluation_of_the_saved_model(recall_run):
     last = [r for r in read_metrics(root / "run") if "valid_loss" in r][-1]
     generator = load_generator(result.final_dir, root / "sids", make_mesh(MeshConfig(), jax.devices()[:1]),
                                config.data.tokenizer)
-    expected = evaluate_recommendations(generator, read_examples(root / "valid.jsonl")[:USERS], beams=10,
-                                        show_progress=False)
+    sample = sample_examples(read_examples(root / "valid.jsonl"), USERS, config.seed)
+    expected = evaluate_recommendations(generator, sample, beams=10, show_progress=False)
     for key in RECALL_KEYS:
         assert last[key] == pytest.approx(expected[key.removeprefix("valid_")], abs=1e-6)
+
+
+def test_the_recall_sample_is_seeded_not_the_first_users(recall_run):
+    root, config, _ = recall_run
+    examples = read_examples(root / "valid.jsonl")
+    assert len(examples) > USERS  # a sample, not the whole file
+    assert sample_examples(examples, USERS, config.seed) != examples[:USERS]
+
+
+def test_the_selected_model_is_that_of_the_best_evaluation(recall_run):
+    """`best/` is the model of the evaluation with the highest valid NDCG@10 (the earliest on ties):
+    evaluating it gives that evaluation's figures."""
+    root, config, result = recall_run
+    evaluations = [r for r in read_metrics(root / "run") if "valid_loss" in r]
+    best = max(evaluations, key=lambda r: (r["valid_ndcg@10"], -r["step"]))
+    selection = json.loads((root / "run" / BEST_DIR / SELECTION_FILE).read_text())
+    assert selection == {"metric": "valid_ndcg@10", "value": best["valid_ndcg@10"], "step": best["step"]}
+    assert result.best_dir == str(root / "run" / BEST_DIR)
+    generator = load_generator(result.best_dir, root / "sids", make_mesh(MeshConfig(), jax.devices()[:1]),
+                               config.data.tokenizer)
+    sample = sample_examples(read_examples(root / "valid.jsonl"), USERS, config.seed)
+    figures = evaluate_recommendations(generator, sample, beams=10, show_progress=False)
+    for key in RECALL_KEYS:
+        assert figures[key.removeprefix("valid_")] == pytest.approx(best[key], abs=1e-6)
+
+
+def test_every_selectable_metric_is_logged_at_every_evaluation(recall_run):
+    root, _, _ = recall_run
+    for record in [r for r in read_metrics(root / "run") if "valid_loss" in r]:
+        assert set(SELECTABLE_METRICS) <= set(record)
+
+
+def test_a_resumed_run_keeps_the_best_of_the_part_before(tmp_path):
+    """The best value is read back from `best/selection.json`: a run resumed from step 3 whose
+    saved best is unbeatable keeps that model, and a fresh run selects its lowest validation loss."""
+    write_dataset(tmp_path)
+    config = tiny_config(tmp_path, "run", ("eval.select=valid_loss",))
+    result = train(config)
+    evaluations = [r for r in read_metrics(tmp_path / "run") if "valid_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 3, 6]
+    lowest = min(evaluations, key=lambda r: (r["valid_loss"], r["step"]))
+    selection_path = tmp_path / "run" / BEST_DIR / SELECTION_FILE
+    assert json.loads(selection_path.read_text()) == {"metric": "valid_loss", "value": lowest["valid_loss"],
+                                                      "step": lowest["step"]}
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "6")  # as if killed after step 3's checkpoint
+    shutil.rmtree(tmp_path / "run" / "final")
+    unbeatable = {"metric": "valid_loss", "value": -1.0, "step": 3}
+    selection_path.write_text(json.dumps(unbeatable))
+    resumed = train(config)
+    assert resumed.step == 6 and resumed.best_dir == result.best_dir
+    assert json.loads(selection_path.read_text()) == unbeatable
 
 
 def test_excluding_all_but_ten_items_of_the_type_ranks_exactly_those_ten(recall_run):

@@ -44,6 +44,7 @@ from neo_jax.errors import UserError
 from neo_jax.eval.recommend import sample_indices
 from neo_jax.json_file import read_json_object
 from neo_jax.run_steps import DEFAULT_MODEL, StageSettings, cli_step, say, train_stage
+from neo_jax.train.trainer import SELECTION_FILE
 from neo_jax.tasks.builders import read_examples
 
 DATASETS = ("beauty", "sports")
@@ -77,6 +78,13 @@ class RecBenchConfig:
     ema_decay: float = 0.0  # an exponential moving average of the weights is evaluated (`optimizer.ema_decay`)
     batch_size: int = 16
     seq_len: int = 256
+    evaluations: int = 4  # validation evaluations (and checkpoints) over the training run
+    # Model selection (`neo-jax train`'s `eval.select`): "" evaluates the last model; a metric
+    # (valid_ndcg@10, valid_recall@10, valid_loss) evaluates the model of the evaluation where it
+    # was best, Recall/NDCG measured on a seeded sample of `select_users` validation users at `beams`
+    # (at least 10).
+    select: str = ""
+    select_users: int = 2000
     beams: int = 20
     ks: tuple[int, ...] = (1, 5, 10, 20)
     eval_batch_size: int = 64
@@ -160,6 +168,16 @@ def _baseline_metrics(config: RecBenchConfig, data_dir: Path, root: Path, chosen
     return out
 
 
+def _selection_settings(config: RecBenchConfig, root: Path) -> dict:
+    """The training stage's eval settings for `select` (none without it)."""
+    if not config.select:
+        return {}
+    recall = ({} if config.select == "valid_loss" else
+              {"recall_examples": str(root / "tasks" / "valid.jsonl"), "recall_sids": str(root / "sids"),
+               "recall_users": config.select_users, "recall_beams": max(config.beams, 10)})
+    return {"select": config.select, **recall}
+
+
 def _checked_backbone(path: str | None) -> Path | None:
     """The backbone checkpoint directory, refused early unless it holds weights and a tokenizer."""
     if path is None:
@@ -203,7 +221,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
                           batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, mesh=config.mesh,
                           warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
                           dropout=config.dropout, unlikelihood=config.unlikelihood, ema_decay=config.ema_decay,
-                          compute_dtype=config.compute_dtype, log_every=50)
+                          compute_dtype=config.compute_dtype, log_every=50, evaluations=config.evaluations,
+                          eval_extra=_selection_settings(config, root))
     if backbone is None:
         model_path = root / "model.yaml"
         atomic_write_text(model_path, yaml.safe_dump({**DEFAULT_MODEL, **config.model,
@@ -212,7 +231,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     else:  # stage 2 (the SID rows learn, every pre-trained weight stays), then stage 3 from it
         grounding = dataclasses.replace(stage, stage="grounding", steps=config.grounding_steps,
                                         learning_rate=config.grounding_learning_rate, warmup_steps=None,
-                                        weight_decay=None, dropout=0.0, unlikelihood=0.0, ema_decay=0.0)
+                                        weight_decay=None, dropout=0.0, unlikelihood=0.0, ema_decay=0.0,
+                                        evaluations=4, eval_extra={})
         grounded = clock.run("train grounding", train_stage, PREFIX, root / "train_grounding", grounding,
                              {"checkpoint": str(backbone)}, root / "records", root / "tokenizer")
         init = {"checkpoint": str(grounded)}
@@ -234,6 +254,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
                                                  "prefix_coherence")},
         "phase_seconds": clock.seconds,
         "checkpoint": str(checkpoint),
+        "selected": (read_json_object(checkpoint / SELECTION_FILE) if (checkpoint / SELECTION_FILE).is_file()
+                     else None),
     }
     atomic_write_text(root / "result.json", json.dumps(result, indent=2))
     return result

@@ -98,14 +98,20 @@ class CheckpointConfig:
 class EvalConfig:
     """The validation loss every `every_steps` steps and, with `recall_examples` and
     `recall_sids` set, Recall@5/@10 and NDCG@10 of constrained beam search in ID mode
-    over the first `recall_users` examples (`valid_recall@5`, ... in metrics.jsonl)."""
+    over a seeded sample of `recall_users` examples (`valid_recall@5`, ... in metrics.jsonl).
+
+    `select` names one of those metrics (`valid_loss`, lower is better; `valid_recall@5`,
+    `valid_recall@10`, `valid_ndcg@10`, higher is better): `RUN_DIR/best` then holds the model
+    of the evaluation where it was best so far (early stopping's choice, without stopping),
+    with `selection.json` saying the step and the value."""
 
     every_steps: int = 200  # 0 turns validation off
     batches: int = 4  # validation batches per evaluation
     recall_examples: str | None = None  # valid.jsonl written by `neo-jax data tasks`
     recall_sids: str | None = None  # the `neo-jax sids build` directory of the catalog
-    recall_users: int = 64
+    recall_users: int = 64  # a sample drawn with the run's seed (all examples when there are fewer)
     recall_beams: int = 10
+    select: str = ""  # "": no model selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +228,20 @@ def _check_task_weights(data: DataConfig) -> None:
                         f"the records' tasks are {sorted(present)}")
 
 
+# The metrics `eval.select` may name, and whether a larger value is better.
+SELECTABLE_METRICS = {"valid_loss": False, "valid_recall@5": True, "valid_recall@10": True, "valid_ndcg@10": True}
+
+
 def _check_recall(config: TrainConfig) -> None:
     evaluation = config.eval
+    if evaluation.select:
+        if evaluation.select not in SELECTABLE_METRICS:
+            raise UserError(f"eval.select: unknown metric {evaluation.select!r}; choose one of "
+                            f"{sorted(SELECTABLE_METRICS)} (or leave it empty)")
+        if not evaluation.every_steps:
+            raise UserError("eval.select needs evaluations; eval.every_steps=0 turns them off")
+        if evaluation.select != "valid_loss" and evaluation.recall_examples is None:
+            raise UserError(f"eval.select={evaluation.select} needs eval.recall_examples and eval.recall_sids")
     if (evaluation.recall_examples is None) != (evaluation.recall_sids is None):
         raise UserError("set both eval.recall_examples (a valid.jsonl) and eval.recall_sids (a sids build "
                         "directory), or neither")

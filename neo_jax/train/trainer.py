@@ -13,7 +13,8 @@ or written: a 3,000-step run continued with steps=6000 would otherwise jump its 
 3,000. To train further, start a new run directory with `init.checkpoint=RUN_DIR/final`.
 Process 0 writes `metrics.jsonl`, TensorBoard events and the progress line; every process takes
 part in saves. A completed run writes its model (LoRA adapters merged) to `RUN_DIR/final`, the
-`init.checkpoint` of the next stage.
+`init.checkpoint` of the next stage. With `eval.select` set, `RUN_DIR/best` holds the model of the
+evaluation where that metric was best (same format as `final`, plus `selection.json`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from neo_jax.checkpoint import (MODEL_CONFIG, TOKENIZER, abstract_decoder, load_
                                 load_model_config, load_vocab_layout, save_model)
 from neo_jax.config import load_config, to_dict
 from neo_jax.errors import UserError
-from neo_jax.eval.recommend import recall_hook
 from neo_jax.json_file import read_json_object
 from neo_jax.model import Decoder, ModelConfig
 from neo_jax.model.extend_vocab import extend_vocab
@@ -48,7 +48,9 @@ from neo_jax.tasks.builders import read_examples
 from neo_jax.tokenizer import LAYOUT_FILE, MixedTokenizer
 from neo_jax.train import distributed
 from neo_jax.train.checkpointing import PreemptionWatch, TrainCheckpoints, abstract_like
-from neo_jax.train.config import TrainConfig, check_against_mesh, check_resume_schedule, check_settings
+from neo_jax.eval.recommend import recall_hook, sample_examples
+from neo_jax.train.config import (SELECTABLE_METRICS, TrainConfig, check_against_mesh, check_resume_schedule,
+                                  check_settings)
 from neo_jax.train.flops import matmul_params, measured_peak_flops, mfu, train_flops_per_token
 from neo_jax.train.input import train_batches, validation_batches
 from neo_jax.progress import Progress
@@ -59,6 +61,8 @@ from neo_jax.train.step import (StepFunctions, TrainState, Unlikelihood, evaluat
 from neo_jax.vocab import VocabLayout
 
 FINAL_DIR = "final"
+BEST_DIR = "best"
+SELECTION_FILE = "selection.json"  # in BEST_DIR: {"metric", "value", "step"}
 CONFIG_FILE = "train_config.json"
 
 # A validation metric beyond the loss (e.g. Recall@10 of constrained decoding): model, step -> metrics.
@@ -74,6 +78,7 @@ class TrainResult:
     tokens_per_s: float | None
     mfu: float | None
     final_dir: str | None  # the saved model of a completed run
+    best_dir: str | None = None  # the model `eval.select` chose (None without selection)
 
 
 def _model_source(config: TrainConfig) -> tuple[ModelConfig, VocabLayout]:
@@ -156,11 +161,12 @@ class _Run:
 
 
 def _config_hooks(config: TrainConfig, mesh: Mesh) -> list[ValidationHook]:
-    """Recall@5/@10 and NDCG@10 on the first `eval.recall_users` examples, when `eval.recall_examples` is set."""
+    """Recall@5/@10 and NDCG@10 on a seeded sample of `eval.recall_users` examples, when
+    `eval.recall_examples` is set."""
     evaluation = config.eval
     if evaluation.recall_examples is None:
         return []
-    examples = read_examples(evaluation.recall_examples)[: evaluation.recall_users]
+    examples = sample_examples(read_examples(evaluation.recall_examples), evaluation.recall_users, config.seed)
     if not examples:
         raise UserError(f"eval.recall_examples: {evaluation.recall_examples} holds no examples")
     return [recall_hook(MixedTokenizer.load(config.data.tokenizer), load_sid_output(evaluation.recall_sids),
@@ -265,32 +271,63 @@ def _evaluate(run: _Run, step: int, hooks: Sequence[ValidationHook]) -> dict[str
 
 
 def _save_final(run: _Run, trained: bool) -> str:
-    """Write the trained model, with a copy of its tokenizer (`final/tokenizer/`), to
-    `RUN_DIR/final`, replacing an older one (kept when nothing was trained).
-
-    The model is saved under `.final.tmp` and swapped in by two renames, so `final` is never
-    half-written; a crash between the renames leaves the new model in `.final.tmp` and the
-    old one in `.final.old`, and the next run of the stage writes `final` again."""
-    run_dir = Path(run.config.run_dir)
-    final_dir, tmp_dir, old_dir = run_dir / FINAL_DIR, run_dir / f".{FINAL_DIR}.tmp", run_dir / f".{FINAL_DIR}.old"
+    """Write the trained model to `RUN_DIR/final`, replacing an older one (kept when nothing
+    was trained)."""
+    final_dir = Path(run.config.run_dir) / FINAL_DIR
     if (final_dir / MODEL_CONFIG).is_file() and not trained:
         return str(final_dir)
+    return _write_model_dir(run, FINAL_DIR)
+
+
+def _write_model_dir(run: _Run, name: str, extra_files: dict[str, str] | None = None) -> str:
+    """Write the current model, with a copy of its tokenizer (`tokenizer/`) and `extra_files`
+    (name -> text), to `RUN_DIR/name`, replacing an older one.
+
+    The model is saved under `.NAME.tmp` and swapped in by two renames, so `NAME` is never
+    half-written; a crash between the renames leaves the new model in `.NAME.tmp` and the
+    old one in `.NAME.old`, and the next save writes `NAME` again."""
+    run_dir = Path(run.config.run_dir)
+    model_dir, tmp_dir, old_dir = run_dir / name, run_dir / f".{name}.tmp", run_dir / f".{name}.old"
     if jax.process_index() == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         shutil.rmtree(old_dir, ignore_errors=True)
-    multihost_utils.sync_global_devices("neo_jax: final model staging cleared")
+    multihost_utils.sync_global_devices(f"neo_jax: {name} model staging cleared")
     hf_config = load_hf_config(run.config.init.checkpoint) if run.config.init.checkpoint else None
     save_model(tmp_dir, current_model(run), run.layout, hf_config)
-    if jax.process_index() == 0 and run.config.data.tokenizer:  # the final model carries its tokenizer
-        shutil.copytree(run.config.data.tokenizer, tmp_dir / TOKENIZER, dirs_exist_ok=True)
-    multihost_utils.sync_global_devices("neo_jax: final model staged")
     if jax.process_index() == 0:
-        if final_dir.exists():
-            final_dir.rename(old_dir)
-        tmp_dir.rename(final_dir)
+        if run.config.data.tokenizer:  # the saved model carries its tokenizer
+            shutil.copytree(run.config.data.tokenizer, tmp_dir / TOKENIZER, dirs_exist_ok=True)
+        for file_name, text in (extra_files or {}).items():
+            (tmp_dir / file_name).write_text(text, encoding="utf-8")
+    multihost_utils.sync_global_devices(f"neo_jax: {name} model staged")
+    if jax.process_index() == 0:
+        if model_dir.exists():
+            model_dir.rename(old_dir)
+        tmp_dir.rename(model_dir)
         shutil.rmtree(old_dir, ignore_errors=True)
-    multihost_utils.sync_global_devices("neo_jax: final model in place")
-    return str(final_dir)
+    multihost_utils.sync_global_devices(f"neo_jax: {name} model in place")
+    return str(model_dir)
+
+
+class _Selection:
+    """`RUN_DIR/best`: the model of the evaluation where `eval.select` was best so far. A resumed
+    run reads the best value back from `best/selection.json`."""
+
+    def __init__(self, run: _Run):
+        self.metric = run.config.eval.select
+        self.higher_is_better = SELECTABLE_METRICS[self.metric]
+        self.path = Path(run.config.run_dir) / BEST_DIR
+        saved_path = self.path / SELECTION_FILE
+        self.best = read_json_object(saved_path)["value"] if saved_path.is_file() else None
+
+    def offer(self, run: _Run, step: int, metrics: dict[str, float]) -> None:
+        """Save the current model as the best if this evaluation's metric beats every earlier one."""
+        value = metrics[self.metric]
+        if self.best is not None and (value <= self.best if self.higher_is_better else value >= self.best):
+            return
+        self.best = value
+        selection = {"metric": self.metric, "value": value, "step": step}
+        _write_model_dir(run, BEST_DIR, {SELECTION_FILE: json.dumps(selection, indent=2)})
 
 
 class _Monitor:
@@ -319,6 +356,7 @@ def _run_steps(run: _Run, monitor: _Monitor, preemption: PreemptionWatch,
                hooks: Sequence[ValidationHook]) -> TrainResult:
     """Step until `config.steps` or a preemption notice; save on schedule and when stopping."""
     config, step, preempted = run.config, run.start_step, False
+    selection = _Selection(run) if config.eval.select else None
     latest: dict[str, float] = {}  # the newest value of every metric, for the result
 
     def step_record(metrics: dict[str, jax.Array]) -> dict[str, float]:
@@ -327,6 +365,8 @@ def _run_steps(run: _Run, monitor: _Monitor, preemption: PreemptionWatch,
     if config.eval.every_steps and step == 0:  # the baseline the validation curve starts from
         latest.update(_evaluate(run, 0, hooks))
         monitor.record(0, latest)
+        if selection is not None:
+            selection.offer(run, 0, latest)
     while step < config.steps and not preempted:
         run.state, metrics = run.steps.train(run.state, _global_batch(run, next(run.data)))
         step += 1
@@ -338,6 +378,8 @@ def _run_steps(run: _Run, monitor: _Monitor, preemption: PreemptionWatch,
         record = step_record(metrics) if logged else {}
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.steps):
             record.update(_evaluate(run, step, hooks))
+            if selection is not None:
+                selection.offer(run, step, record)
         preempted = preemption.reached(step)  # after this step's evaluation: a notice during it counts
         if preempted and not logged:
             record.update(step_record(metrics))
@@ -347,7 +389,8 @@ def _run_steps(run: _Run, monitor: _Monitor, preemption: PreemptionWatch,
             latest.update(record)
             run.throughput.reset()
     return TrainResult(step, preempted, latest.get("loss"), latest.get("valid_loss"), latest.get("tokens_per_s"),
-                       latest.get("mfu"), final_dir=None)
+                       latest.get("mfu"), final_dir=None,
+                       best_dir=str(selection.path) if selection is not None and selection.best is not None else None)
 
 
 def train(config: TrainConfig, devices: Sequence[jax.Device] | None = None,
