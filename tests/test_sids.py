@@ -304,6 +304,9 @@ class CharTokenizer(TextTokenizer):
     def save(self, directory: Path) -> None:
         raise NotImplementedError
 
+    def to_tokenizers(self):
+        raise NotImplementedError
+
 
 def test_backbone_embeddings_are_padding_invariant_mean_pools(random_decoder):
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=300, hidden_size=32, intermediate_size=48,

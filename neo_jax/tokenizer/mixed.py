@@ -72,6 +72,11 @@ class MixedTokenizer:
         """The layout's `[PAD]` if it has one, else the text tokenizer's pad."""
         return self._special_ids.get(PAD, self.text.pad_id)
 
+    @property
+    def non_text_tokens(self) -> list[str]:
+        """The text form of every id from `layout.specials_start` up to `layout.size`: specials, then SID codes."""
+        return self._token_strings
+
     # -- encoding -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of a mixed string (no bos/eos added)."""

@@ -20,6 +20,7 @@ import tokenizers
 from neo_jax.atomic import atomic_write_bytes, atomic_write_text
 from neo_jax.errors import UserError
 from neo_jax.json_file import read_json_object
+from neo_jax.tokenizer.hf_files import sentencepiece_to_tokenizers
 
 META_FILE = "text_tokenizer.json"
 
@@ -47,6 +48,10 @@ class TextTokenizer(abc.ABC):
     @abc.abstractmethod
     def save(self, directory: Path) -> None:
         """Write the model file and `META_FILE` into `directory` (which exists)."""
+
+    @abc.abstractmethod
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        """A new `tokenizers.Tokenizer` that encodes text to the same ids (for a `tokenizer.json`)."""
 
     def _write_meta(self, directory: Path, **fields: Any) -> None:
         atomic_write_text(directory / META_FILE, json.dumps({"kind": self.kind, **fields}, indent=2))
@@ -88,6 +93,9 @@ class SentencePieceTokenizer(TextTokenizer):
         atomic_write_bytes(directory / self.MODEL_FILE, self._model_proto)
         self._write_meta(directory, file=self.MODEL_FILE)
 
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        return sentencepiece_to_tokenizers(self._model_proto, self.source)
+
 
 class HFTokenizer(TextTokenizer):
     """A `tokenizers.Tokenizer` (Hugging Face `tokenizer.json`), with its bos/eos/pad ids."""
@@ -121,6 +129,9 @@ class HFTokenizer(TextTokenizer):
     def save(self, directory: Path) -> None:
         atomic_write_text(directory / self.JSON_FILE, self._tokenizer.to_str())
         self._write_meta(directory, file=self.JSON_FILE, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        return tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
 
 
 def _read_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
