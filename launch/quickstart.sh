@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, on a fresh machine: a venv, the package, then
 # `neo-jax quickstart` (generated catalog -> SIDs -> training -> constrained generation -> eval).
-# Extra arguments go to `neo-jax quickstart` (e.g. `--out runs/qs`, `train.steps=200`).
+# Extra arguments go to `neo-jax quickstart` (e.g. `out=runs/qs instruct_steps=800`, or
+# `--config configs/quickstart_full.yaml`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${NEO_JAX_VENV:-.venv}"
