@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import orbax.checkpoint as ocp
@@ -77,14 +77,24 @@ def abstract_decoder(config: ModelConfig) -> Decoder:
     return nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0)))
 
 
-def load_model(directory: str | Path, mesh: Mesh, dtype: str | None = None) -> Decoder:
-    """Restore the decoder in `directory` onto `mesh`; `dtype` overrides the compute dtype."""
+def model_allow_replicated(config: ModelConfig, allow_replicated: Iterable[str]) -> tuple[str, ...]:
+    """The logical axes whose dimension may stay whole on a mesh axis that does not divide it, for
+    `config`'s parameters: `allow_replicated`, plus `vocab` where the vocabulary is a pre-trained one
+    (`num_real_tokens` unset: not extended to a `VocabLayout`), whose size was never padded for a mesh.
+    An extended vocabulary is padded for one (`VocabLayout.pad_multiple`) and must divide."""
+    return (*allow_replicated, "vocab") if config.num_real_tokens is None else tuple(allow_replicated)
+
+
+def load_model(directory: str | Path, mesh: Mesh, dtype: str | None = None,
+               allow_replicated: Iterable[str] = ()) -> Decoder:
+    """Restore the decoder in `directory` onto `mesh`; `dtype` overrides the compute dtype
+    (`allow_replicated`: see `neo_jax.sharding.logical_to_spec` and `model_allow_replicated`)."""
     directory = _checkpoint_dir(directory)
     config = load_model_config(directory)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
     graphdef, abstract_state = nnx.split(abstract_decoder(config))
-    shardings = nnx.to_pure_dict(state_shardings(abstract_state, mesh))
+    shardings = nnx.to_pure_dict(state_shardings(abstract_state, mesh, model_allow_replicated(config, allow_replicated)))
     target = jax.tree.map(lambda value, sharding: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding),
                           nnx.to_pure_dict(abstract_state), shardings)
     try:

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("neo_jax.tokenizer.commands", "build a mixed text + SID tokenizer directory"),
     "import-hf": ("neo_jax.hf.commands_import", "import a Hugging Face (safetensors) or GGUF checkpoint"),
     "train": ("neo_jax.train.commands", "train a stage (SID grounding or instruction tuning) on a device mesh"),
+    "shard-plan": ("neo_jax.train.shard_plan", "a training config's partition specs and bytes per device "
+                                               "(parameters, optimizer state, gradients), from shapes alone"),
     "generate": ("neo_jax.decode.commands", "decode prompts with SID-constrained beam search or sampling"),
     "eval": ("neo_jax.eval.commands", "evaluate a checkpoint: recommendation Recall/NDCG@K, the language side"),
     "export-hf": ("neo_jax.hf.commands_export", "export a checkpoint as a Hugging Face model directory"),

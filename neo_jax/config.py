@@ -30,12 +30,16 @@ class ConfigError(UserError, ValueError):
 class MeshConfig:
     """Sizes of the named device mesh axes; their product must equal the device count.
 
-    `-1` on one axis means "all remaining devices".
+    `-1` on one axis means "all remaining devices". A mesh axis that does not divide the
+    dimension of a parameter it is meant to split is an error, unless that dimension's logical
+    axis (`kv_heads`, `vocab`, ...; see `neo_jax.sharding.LOGICAL_AXIS_RULES`) is listed in
+    `allow_replicated`: then the dimension stays whole on that axis, and the run logs it.
     """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    allow_replicated: tuple[str, ...] = ()
 
 
 def _nearest(name: str, options: list[str]) -> str:

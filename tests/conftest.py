@@ -88,8 +88,9 @@ def hf_logits():
     return _hf_logits
 
 
-def _random_decoder(config, mesh=None, seed: int = 0):
-    """A `Decoder` with host-drawn random parameters (norm scales near 1), placed with `load_sharded`.
+def _random_decoder(config, mesh=None, seed: int = 0, allow_replicated=()):
+    """A `Decoder` with host-drawn random parameters (norm scales near 1), placed with `load_sharded`
+    (`allow_replicated`: the logical axes that may stay whole on a mesh axis that does not divide them).
 
     Much faster to build in tests than compiling the random initialisers.
     """
@@ -107,10 +108,11 @@ def _random_decoder(config, mesh=None, seed: int = 0):
         return 1.0 + noise if path[-1] == "scale" else noise
 
     mesh = mesh if mesh is not None else make_mesh(MeshConfig(), jax.devices()[:1])
-    return load_sharded(abstract_decoder(config), draw, mesh)
+    return load_sharded(abstract_decoder(config), draw, mesh, allow_replicated=allow_replicated)
 
 
 @pytest.fixture(scope="session")
 def random_decoder():
-    """`random_decoder(config, mesh=None, seed=0)`: a random model on `mesh` (default: one device)."""
+    """`random_decoder(config, mesh=None, seed=0, allow_replicated=())`: a random model on `mesh` (default: one
+    device)."""
     return _random_decoder

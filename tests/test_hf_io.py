@@ -137,10 +137,10 @@ def test_vocab_extension_keeps_text_rows_and_initialises_new_rows(random_decoder
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=300, hidden_size=64, intermediate_size=96,
                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=tied)
     mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
-    model = random_decoder(config, mesh, seed=11)
+    model = random_decoder(config, mesh, seed=11, allow_replicated=("vocab", "kv_heads"))  # 300 rows, 2 KV heads
     layout = VocabLayout(text_size=300, entity_types=(EntityType("item", (64, 64)), EntityType("user", (32,))),
                          pad_multiple=128)
-    extended = extend_vocab(model, layout, mesh)
+    extended = extend_vocab(model, layout, mesh, allow_replicated=("kv_heads",))  # the padded rows divide
     assert extended.config.vocab_size == layout.padded_size == 512
     assert extended.config.num_real_tokens == layout.size == 463
 

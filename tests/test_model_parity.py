@@ -42,7 +42,7 @@ def export_hf(checkpoint, out_dir, *options):
 @pytest.mark.parametrize("name", list(TINY_HF_MODELS))
 def test_import_matches_transformers_and_export_round_trips(name, tiny_hf_model, hf_logits, tmp_path):
     hf_dir = tiny_hf_model(name)
-    import_hf(hf_dir, tmp_path / "ckpt", "--mesh.fsdp=2", "--mesh.tensor=4")
+    import_hf(hf_dir, tmp_path / "ckpt", "--mesh.fsdp=2", "--mesh.tensor=4", "--mesh.allow_replicated=kv_heads")
     model = load_model(tmp_path / "ckpt", ONE_DEVICE)  # a checkpoint restores onto any mesh
     ours = np.asarray(our_logits(model, TOKENS))
     np.testing.assert_allclose(ours, hf_logits(hf_dir, TOKENS), rtol=0, atol=1e-4)
@@ -59,7 +59,9 @@ def test_extended_vocabulary_exports_to_transformers(name, tiny_hf_model, hf_log
     import_hf(tiny_hf_model(name), tmp_path / "ckpt")
     mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
     layout = VocabLayout(text_size=300, entity_types=(EntityType("item", (16, 16)),), pad_multiple=64)
-    extended = extend_vocab(load_model(tmp_path / "ckpt", mesh), layout, mesh)
+    one_or_two_kv_heads = ("kv_heads",)  # on a 4-way tensor axis
+    extended = extend_vocab(load_model(tmp_path / "ckpt", mesh, allow_replicated=one_or_two_kv_heads), layout, mesh,
+                            allow_replicated=one_or_two_kv_heads)
     save_model(tmp_path / "extended", extended, layout, hf_config=load_hf_config(tmp_path / "ckpt"))
     assert load_vocab_layout(tmp_path / "extended") == layout
 

@@ -1,7 +1,9 @@
-"""One program on many mesh shapes: same logits, loss and gradients; parameters sharded as declared."""
+"""One program on many mesh shapes: same logits, loss and gradients; parameters sharded as declared; a mesh
+axis that does not divide a parameter is an error unless `mesh.allow_replicated` names that dimension."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -16,10 +18,14 @@ from neo_jax.errors import UserError
 from neo_jax.model.config import ModelConfig
 from neo_jax.model.decoder import Decoder
 from neo_jax.model.loss import masked_cross_entropy
+from neo_jax.checkpoint import abstract_decoder
 from neo_jax.sharding import batch_sharding, create_sharded, make_mesh, state_shardings
 
+# A pre-trained-like vocabulary of 300 (not padded) and one KV head: on the meshes below some
+# axes do not divide them, so the tests that place it say that those dimensions may stay whole.
 CONFIG = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=300, hidden_size=64, intermediate_size=96,
                      num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16)
+KEPT_WHOLE = ("vocab", "kv_heads")
 TINY_CONFIG = Path(__file__).parent.parent / "configs" / "model_tiny.yaml"
 MESH_SHAPES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4)]
 
@@ -57,7 +63,7 @@ def train_step(model, tokens, positions, segments, targets, weights):
 
 def run_on_mesh(shape, random_decoder):
     mesh = mesh_of(shape)
-    model = random_decoder(CONFIG, mesh, seed=7)  # same host values on every mesh
+    model = random_decoder(CONFIG, mesh, seed=7, allow_replicated=KEPT_WHOLE)  # same host values on every mesh
     batch = [jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in training_batch()]
     loss, logits, grads = train_step(model, *batch)
     return float(loss), np.asarray(logits), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
@@ -74,17 +80,20 @@ def test_logits_loss_and_gradients_agree_across_meshes(random_decoder):
                      grads, reference_grads)
 
 
-def test_created_parameters_carry_their_declared_shardings():
+def test_created_parameters_carry_their_declared_shardings(capsys):
     overrides = ["architecture=Qwen3ForCausalLM", "tie_word_embeddings=false", "num_kv_heads=1", "num_layers=1"]
     small = load_config(ModelConfig, TINY_CONFIG, overrides)
     mesh = mesh_of((1, 2, 4))
-    model = create_sharded(lambda: Decoder(small, nnx.Rngs(0)), mesh)
+    model = create_sharded(lambda: Decoder(small, nnx.Rngs(0)), mesh, allow_replicated=("kv_heads",))
+    logged = capsys.readouterr().err.strip().splitlines()
+    assert logged == ["neo_jax: layers.0.attn.k_kernel and 1 more: its kv_heads dimension (1) is not divisible by "
+                      "mesh axis tensor = 4; kept whole on tensor (allow_replicated)"]
     attn, mlp = model.layers[0].attn, model.layers[0].mlp
     expected = [
         (model.embed_tokens, P(("tensor", "fsdp"), None)),  # vocabulary rows over both model axes
         (model.lm_head, P(("tensor", "fsdp"), None)),
         (attn.q_kernel, P("fsdp", "tensor", None)),
-        (attn.k_kernel, P("fsdp", None, None)),  # one KV head cannot split 4 ways: replicated
+        (attn.k_kernel, P("fsdp", None, None)),  # one KV head cannot split 4 ways: whole, as allowed
         (attn.o_kernel, P("tensor", None, "fsdp")),
         (mlp.down_kernel, P("tensor", "fsdp")),
         (attn.q_norm.scale, P(None)),
@@ -96,9 +105,31 @@ def test_created_parameters_carry_their_declared_shardings():
         shard_shape = value.addressable_shards[0].data.shape
         assert shard_shape == value.sharding.shard_shape(value.shape)  # each device holds only its slice
     assert model.embed_tokens.get_value().addressable_shards[0].data.shape == (512 // 8, 64)
-    declared = nnx.to_pure_dict(state_shardings(nnx.state(model), mesh))
+    declared = nnx.to_pure_dict(state_shardings(nnx.state(model), mesh, allow_replicated=("kv_heads",)))
     actual = nnx.to_pure_dict(jax.tree.map(lambda x: x.sharding, nnx.state(model)))
     assert jax.tree.map(lambda s: s.spec, declared) == jax.tree.map(lambda s: s.spec, actual)
+
+
+@pytest.mark.parametrize("shape, config, message", [
+    ((1, 2, 4), CONFIG, "embed_tokens: its vocab dimension (300) is not divisible by mesh axis tensor x fsdp = 8; "
+                        "choose a mesh whose axes divide it (or pad it: tokenizer build --pad-multiple), or add vocab "
+                        "to mesh.allow_replicated to keep it whole on fsdp"),
+    ((1, 1, 2), CONFIG, "layers.0.attn.k_bias: its kv_heads dimension (1) is not divisible by mesh axis tensor = 2; "
+                        "choose a mesh whose axes divide it, or add kv_heads to mesh.allow_replicated to keep it "
+                        "whole on tensor"),
+    ((1, 8, 1), dataclasses.replace(CONFIG, vocab_size=320, hidden_size=60, num_heads=2, head_dim=30),
+     "final_norm.scale: its embed dimension (60) is not divisible by mesh axis fsdp = 8"),
+])
+def test_an_axis_that_does_not_divide_a_parameter_is_an_error_naming_both(shape, config, message):
+    abstract_state = nnx.state(abstract_decoder(config))
+    with pytest.raises(UserError) as error:
+        state_shardings(abstract_state, mesh_of(shape))
+    assert str(error.value).startswith(message)
+
+
+def test_allow_replicated_names_logical_axes():
+    with pytest.raises(UserError, match=r"mesh.allow_replicated: 'kv_head' is not a logical axis; choose from \["):
+        make_mesh(MeshConfig(allow_replicated=("kv_head",)))
 
 
 @pytest.mark.parametrize("mesh_config, message", [

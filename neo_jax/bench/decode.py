@@ -85,7 +85,8 @@ def bench_layout(text_vocab: int, levels: int, codebook_size: int) -> VocabLayou
 def bench_model(args: argparse.Namespace, layout: VocabLayout, mesh) -> Decoder:
     config = dataclasses.replace(PRESETS[args.preset], vocab_size=layout.size, initializer_range=0.2,
                                  eos_token_id=EOS_ID, max_position_embeddings=args.prompt_len + args.levels + 3)
-    return load_sharded(abstract_decoder(config), random_weights(config, args.seed), mesh)
+    return load_sharded(abstract_decoder(config), random_weights(config, args.seed), mesh,
+                        allow_replicated=args.mesh_allow_replicated)
 
 
 prefill_cache = nnx.jit(prefill, static_argnames="max_new_tokens")
@@ -185,7 +186,8 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, n_items: int, promp
 
 
 def hf_comparison(model: Decoder, layout: VocabLayout, trie: SidTrie, host_trie: HostTrie, prompts,
-                  our_rows: list[list[int | None]], beams: int, levels: int, mesh) -> dict:
+                  our_rows: list[list[int | None]], beams: int, levels: int, mesh,
+                  allow_replicated: tuple[str, ...]) -> dict:
     """Decode the same exported weights with transformers beam search and the host trie; compare top-K items."""
     try:
         import torch
@@ -198,7 +200,7 @@ def hf_comparison(model: Decoder, layout: VocabLayout, trie: SidTrie, host_trie:
     torch.set_num_threads(usable_cores())
     with tempfile.TemporaryDirectory() as tmp:
         save_model(Path(tmp) / "ckpt", model)
-        export_checkpoint(Path(tmp) / "ckpt", Path(tmp) / "hf", mesh)
+        export_checkpoint(Path(tmp) / "ckpt", Path(tmp) / "hf", mesh, allow_replicated=allow_replicated)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
     agree, seconds, steps = 0, 0.0, 0
     for b in range(prompts.tokens.shape[0]):
@@ -247,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_torch and n_items == min(sizes):
             if host_trie is None:
                 host_trie = HostTrie(trie, layout, EOS_ID)
-            row.update(hf_comparison(model, layout, trie, host_trie, prompts, our_rows, args.beams, args.levels, mesh))
+            row.update(hf_comparison(model, layout, trie, host_trie, prompts, our_rows, args.beams, args.levels, mesh,
+                                     args.mesh_allow_replicated))
         result["catalogs"].append(row)
     result["max_overhead_ratio"] = max(c["overhead_ratio"] for c in result["catalogs"])
     for variant in ("constrained", "unconstrained"):  # largest / smallest over the sizes: machine noise moves both

@@ -130,12 +130,12 @@ def random_weights(config: ModelConfig, seed: int) -> Callable[[tuple, tuple[int
 
 
 def our_train_step(config: ModelConfig, mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray], seed: int,
-                   total_steps: int) -> Callable[[], None]:
+                   total_steps: int, allow_replicated: tuple[str, ...]) -> Callable[[], None]:
     """The trainer's full-model step (instruct stage, no LoRA) on a random model; each call runs one step."""
     abstract_model = abstract_decoder(config)
     graphdef, abstract_model_state = nnx.split(abstract_model)
     abstract_params = nnx.to_pure_dict(abstract_model_state)
-    param_shardings = nnx.to_pure_dict(state_shardings(abstract_model_state, mesh))
+    param_shardings = nnx.to_pure_dict(state_shardings(abstract_model_state, mesh, allow_replicated))
     plan = make_plan("instruct", LoraConfig(), None)  # every parameter trains
     key = jax.random.key(seed)
     abstract_trainable, _ = jax.eval_shape(lambda p: plan.split(p, key), abstract_params)
@@ -144,7 +144,7 @@ def our_train_step(config: ModelConfig, mesh: jax.sharding.Mesh, batch: dict[str
     tx = make_optimizer(optimizer, total_steps, masks)
     init_state = lambda params: new_train_state(params, plan, tx, key)
     shardings = train_state_shardings(jax.eval_shape(init_state, abstract_params), param_shardings, plan, tx, mesh)
-    model = load_sharded(abstract_model, random_weights(config, seed), mesh)
+    model = load_sharded(abstract_model, random_weights(config, seed), mesh, allow_replicated=allow_replicated)
     state = jax.jit(init_state, out_shardings=shardings)(nnx.to_pure_dict(nnx.state(model)))
     steps = make_steps(graphdef, plan, tx, masks, learning_rate_schedule(optimizer, total_steps), 1, shardings, mesh)
     global_batch: Batch = jax.device_put(batch, steps.batch_sharding)
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     print("bench model: measuring peak jnp.dot FLOP/s", file=sys.stderr, flush=True)
     peak_flops = measured_peak_flops(config.dtype)
     print("bench model: building and compiling our train step", file=sys.stderr, flush=True)
-    step = our_train_step(config, mesh, batch, args.seed, args.warmup + args.steps)
+    step = our_train_step(config, mesh, batch, args.seed, args.warmup + args.steps, args.mesh_allow_replicated)
     warmup_seconds, step_seconds = time_steps(step, args.warmup, args.steps, "neo_jax")
     tokens_per_s = args.batch * args.seq_len / step_seconds
     reference = None if args.no_torch else torch_reference(config, batch, args.warmup, args.steps, args.seed)

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     beam = plan.beam_widths[0] if args.beam is None else args.beam
     if beam not in plan.beam_widths:
         raise UserError(f"--beam {beam} is not one of --beams {list(plan.beam_widths)}")
-    server = Server(load_bundle(args.bundle, mesh_from_arguments(args)), plan, "127.0.0.1", 0, None, args.max_wait_ms)
+    server = Server(load_bundle(args.bundle, mesh_from_arguments(args), args.mesh_allow_replicated), plan, "127.0.0.1",
+                    0, None, args.max_wait_ms)
     bodies = _requests(server, args.history, beam, args.seed)
     sids = server.engine.generator.sids
     type_of = {item_id: sids.entity_types[int(t)].name for item_id, t in zip(sids.item_ids, sids.trie.item_types)}

@@ -22,6 +22,7 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import Iterable
 
 from jax.sharding import Mesh
 
@@ -150,14 +151,15 @@ def resolve_sids_dir(ckpt: str | Path, sids_dir: str | Path | None, tokenizer_di
 
 def load_generator(ckpt: str | Path, sids_dir: str | Path | None, mesh: Mesh,
                    tokenizer_dir: str | Path | None = None, data_dir: str | Path | None = None,
-                   default_titles: bool = False) -> Generator:
+                   default_titles: bool = False, allow_replicated: Iterable[str] = ()) -> Generator:
     """A checkpoint, its tokenizer and a SID catalog, ready to generate. Titles come from `data_dir`,
-    else (with `default_titles`) from the data directory the SIDs were built from, if it is still there."""
+    else (with `default_titles`) from the data directory the SIDs were built from, if it is still there
+    (`allow_replicated`: see `neo_jax.sharding.logical_to_spec`)."""
     tokenizer = load_tokenizer(ckpt, tokenizer_dir)
     sids_dir = resolve_sids_dir(ckpt, sids_dir, tokenizer_dir)
     if data_dir is None and default_titles:
         data_dir = sid_data_dir(sids_dir)
-    model = load_model(ckpt, mesh)
+    model = load_model(ckpt, mesh, allow_replicated=allow_replicated)
     titles = None
     if data_dir is not None:
         catalog = load_items(items_file(data_dir))
@@ -181,10 +183,10 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle is not None:
         if args.sids or args.tokenizer or args.data:
             raise UserError("--sids, --tokenizer and --data go with --ckpt; a bundle carries its own")
-        generator = load_bundle(args.bundle, mesh_from_arguments(args))
+        generator = load_bundle(args.bundle, mesh_from_arguments(args), args.mesh_allow_replicated)
     else:
         generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer, args.data,
-                                   default_titles=True)
+                                   default_titles=True, allow_replicated=args.mesh_allow_replicated)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # enough for what the prompts ask: one SID, or a text answer
         formats = {_prompt_format(p, args.format) for p in prompts}

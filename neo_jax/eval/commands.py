@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--beams, --batch and --limit must be positive")
     ks = parse_ks(args.ks)
     examples = sample_examples(_read_examples(args.examples), args.limit or 0, args.seed)
-    generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer)
+    generator = load_generator(args.ckpt, args.sids, mesh_from_arguments(args), args.tokenizer,
+                               allow_replicated=args.mesh_allow_replicated)
     metrics = evaluate_recommendations(generator, examples, beams=args.beams, batch_size=args.batch, ks=ks,
                                        exclude_history=args.exclude_history)
     print(json.dumps({"examples": str(args.examples), "ckpt": str(args.ckpt), "beams": args.beams,
@@ -102,14 +103,14 @@ def run(args: argparse.Namespace) -> int:
 def run_language(args: argparse.Namespace) -> int:
     texts = read_text_lines(args.text)
     mesh = mesh_from_arguments(args)
-    generator = load_generator(args.ckpt, args.sids, mesh, args.tokenizer)
+    generator = load_generator(args.ckpt, args.sids, mesh, args.tokenizer, allow_replicated=args.mesh_allow_replicated)
     base_model = None
     if args.base_ckpt is not None:
         base_layout = load_vocab_layout(args.base_ckpt)
         if base_layout is not None and base_layout != generator.tokenizer.layout:
             raise UserError(f"{args.base_ckpt}: its vocabulary layout differs from {args.ckpt}'s; perplexities "
                             "are only comparable under one tokenizer")
-        base_model = load_model(args.base_ckpt, mesh)
+        base_model = load_model(args.base_ckpt, mesh, allow_replicated=args.mesh_allow_replicated)
     metrics = evaluate_language(generator, load_dataset(args.data).catalog, _read_examples(args.examples), texts,
                                 base_model, items=args.items, users=args.users, beams=args.beams,
                                 batch_size=args.batch, seed=args.seed)

@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax.numpy as jnp
 import numpy as np
@@ -144,8 +144,9 @@ def _sid_block_mismatches(layout: VocabLayout, sids: SidOutput):
                    f"{list(theirs.codebook_sizes)} in the trie")
 
 
-def load_bundle(directory: str | Path, mesh: Mesh) -> Generator:
-    """The bundle at `directory`, verified (see the module docstring), as a `Generator` on `mesh`.
+def load_bundle(directory: str | Path, mesh: Mesh, allow_replicated: Iterable[str] = ()) -> Generator:
+    """The bundle at `directory`, verified (see the module docstring), as a `Generator` on `mesh`
+    (`allow_replicated`: see `neo_jax.sharding.logical_to_spec`).
 
     The model holds float32 parameters (a bfloat16 bundle's are widened exactly) and computes in
     its config's dtype.
@@ -159,7 +160,8 @@ def load_bundle(directory: str | Path, mesh: Mesh) -> Generator:
     check_sid_blocks(tokenizer.layout, sids, directory / TOKENIZER / LAYOUT_FILE, directory / SIDS)
     titles = _read_titles(directory / CATALOG, sids.item_ids)
     model = load_sharded(abstract_decoder(config),
-                         lambda path, shape: np.fromfile(directory / _param_file(path), dtype).reshape(shape), mesh)
+                         lambda path, shape: np.fromfile(directory / _param_file(path), dtype).reshape(shape), mesh,
+                         allow_replicated=allow_replicated)
     return Generator(model, tokenizer, sids, eos_token_id(tokenizer, config), titles, mesh)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from jax.sharding import Mesh
 
@@ -53,9 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, mesh: Mesh, dtype: str = "float32",
                   sids_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None,
-                  data_dir: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+                  data_dir: str | Path | None = None, overwrite: bool = False,
+                  allow_replicated: Iterable[str] = ()) -> dict[str, Any]:
     """Write the serving bundle of `checkpoint` at `out_dir` (built under a temporary name, then
-    renamed: nothing is left there on error); returns its manifest."""
+    renamed: nothing is left there on error); returns its manifest (`allow_replicated`: see
+    `neo_jax.sharding.logical_to_spec`)."""
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         tokenizer = load_tokenizer(checkpoint, tokenizer_dir)
         sids_dir = resolve_sids_dir(checkpoint, sids_dir, tokenizer_dir)
@@ -68,7 +70,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, mesh: Mesh, dtype
                 raise UserError(f"{sids_dir / CONFIG}: names no data directory that is still there to read the "
                                 "items' titles from; pass --data")
         catalog = load_items(items_file(data_dir))
-        model = load_model(checkpoint, mesh)
+        model = load_model(checkpoint, mesh, allow_replicated=allow_replicated)
         source = {"checkpoint": checkpoint, "tokenizer": tokenizer_dir or Path(checkpoint) / TOKENIZER,
                   "sids": sids_dir, "data": data_dir}
         manifest = write_bundle(tmp, model, tokenizer, sids, catalog, dtype,
@@ -78,7 +80,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, mesh: Mesh, dtype
 
 def run(args: argparse.Namespace) -> int:
     manifest = export_bundle(args.checkpoint, args.out_dir, mesh_from_arguments(args), args.dtype, args.sids,
-                             args.tokenizer, args.data, args.overwrite)
+                             args.tokenizer, args.data, args.overwrite, args.mesh_allow_replicated)
     files = manifest["files"].values()
     print(json.dumps({"bundle": str(args.out_dir), "params_dtype": manifest["params_dtype"], "files": len(files),
                       "bytes": sum(entry["bytes"] for entry in files)}))

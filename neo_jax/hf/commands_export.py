@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     export = export_checkpoint(args.checkpoint, args.out_dir, mesh_from_arguments(args), overwrite=args.overwrite,
                                max_shard_bytes=int(args.max_shard_mb * 2**20), tokenizer_dir=args.tokenizer,
-                               sids_dir=args.sids)
+                               sids_dir=args.sids, allow_replicated=args.mesh_allow_replicated)
     shards = [f for f in export.files if f.suffix == ".safetensors"]
     others = [f.name for f in export.files if f.suffix != ".safetensors"]
     print(f"exported {args.checkpoint} to {args.out_dir} ({len(shards)} safetensors file(s), {', '.join(others)})"

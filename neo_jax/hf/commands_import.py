@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     mesh = mesh_from_arguments(args)
-    model = import_checkpoint(args.source, args.out_dir, mesh, dtype=args.dtype, overwrite=args.overwrite)
+    model = import_checkpoint(args.source, args.out_dir, mesh, dtype=args.dtype, overwrite=args.overwrite,
+                              allow_replicated=args.mesh_allow_replicated)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"imported {model.config.architecture} ({num_params:,} parameters, vocabulary "
           f"{model.config.vocab_size}) into {args.out_dir}")

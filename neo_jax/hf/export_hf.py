@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from flax import nnx
@@ -71,16 +72,16 @@ class HFExport:
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, mesh: Mesh, overwrite: bool = False,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_dir: str | Path | None = None,
-                      sids_dir: str | Path | None = None) -> HFExport:
+                      sids_dir: str | Path | None = None, allow_replicated: Iterable[str] = ()) -> HFExport:
     """Write `checkpoint_dir` as a Hugging Face directory at `out_dir`, with its tokenizer and SID catalog:
     the checkpoint's, unless `tokenizer_dir` (a tokenizer directory; with `vocab_layout.json`, its SID
-    tokens too) and `sids_dir` are given."""
+    tokens too) and `sids_dir` are given (`allow_replicated`: see `neo_jax.sharding.logical_to_spec`)."""
     if max_shard_bytes < 1:
         raise UserError(f"the largest safetensors shard must be positive, got {max_shard_bytes} bytes")
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         left_out = write_tokenizer_and_sids(tmp, Path(checkpoint_dir), load_model_config(checkpoint_dir),
                                             tokenizer_dir, sids_dir)
-        model = load_model(checkpoint_dir, mesh)
+        model = load_model(checkpoint_dir, mesh, allow_replicated=allow_replicated)
         write_safetensors(tmp, tensors_to_write(model), max_shard_bytes)
         config = hf_config_for(model, load_hf_config(checkpoint_dir))
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -42,15 +43,16 @@ def extended_rows(table: jax.Array, key: jax.Array, num_new: int, num_padding: i
 
 
 def extend_vocab(model: Decoder, layout: VocabLayout, mesh: Mesh, seed: int = 0,
-                 noise_scale: float = NOISE_SCALE) -> Decoder:
-    """A new decoder whose embedding (and untied head) cover `layout`, sharded on `mesh`."""
+                 noise_scale: float = NOISE_SCALE, allow_replicated: Iterable[str] = ()) -> Decoder:
+    """A new decoder whose embedding (and untied head) cover `layout`, sharded on `mesh`
+    (`allow_replicated`: see `neo_jax.sharding.logical_to_spec`)."""
     config = model.config
     if layout.text_size != config.vocab_size:
         raise UserError(f"vocabulary layout text_size {layout.text_size} differs from the model's "
                         f"{config.vocab_size} embedding rows; set text_size to the pre-trained vocabulary size")
     new_config = dataclasses.replace(config, vocab_size=layout.padded_size, num_real_tokens=layout.size)
     new_graphdef, new_abstract = nnx.split(nnx.eval_shape(lambda: Decoder(new_config, nnx.Rngs(0))))
-    shardings = state_shardings(new_abstract, mesh)
+    shardings = state_shardings(new_abstract, mesh, allow_replicated)
     grow = functools.partial(extended_rows, num_new=layout.size - layout.text_size,
                              num_padding=layout.padded_size - layout.size, noise_scale=noise_scale)
 

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     token = None if args.token_file is None else read_token(args.token_file)
     plan = plan_from_arguments(args)
     check_options(args.port, args.max_wait_ms)
-    server = Server(load_bundle(args.bundle, mesh_from_arguments(args)), plan, args.host, args.port, token,
-                    args.max_wait_ms)
+    server = Server(load_bundle(args.bundle, mesh_from_arguments(args), args.mesh_allow_replicated), plan, args.host,
+                    args.port, token, args.max_wait_ms)
     asyncio.run(run_forever(server))
     return 0

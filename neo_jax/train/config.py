@@ -179,25 +179,9 @@ def check_settings(config: TrainConfig) -> None:
                         f"end_lr_ratio in [0, 1]; got {opt}")
     if not 0.0 <= opt.ema_decay < 1.0:
         raise UserError(f"optimizer.ema_decay must be in [0, 1) (0: no weight average), got {opt.ema_decay}")
-    if config.lora.rank < 0:
-        raise UserError(f"lora.rank must be non-negative, got {config.lora.rank}")
-    if config.lora.rank and config.stage != "instruct":
-        raise UserError(f"lora.rank={config.lora.rank} needs stage=instruct: the {config.stage} stage "
-                        "keeps every non-SID weight unchanged")
     if config.data.num_shards is not None and config.data.num_shards < 1:
         raise UserError(f"data.num_shards must be at least 1, got {config.data.num_shards}")
-    init = config.init
-    if (init.checkpoint is None) == (init.model_config is None):
-        raise UserError("set exactly one of init.checkpoint (a model checkpoint directory) and init.model_config "
-                        "(the model YAML of a new random model)")
-    if init.checkpoint is not None and not Path(init.checkpoint).is_dir():
-        raise UserError(f"init.checkpoint: {init.checkpoint} does not exist")
-    if init.model_config is not None and not Path(init.model_config).is_file():
-        raise UserError(f"init.model_config: {init.model_config} does not exist")
-    if init.model_config is not None and config.data.tokenizer is None:
-        raise UserError("data.tokenizer is not set; a random model takes its vocabulary from the tokenizer")
-    if config.data.tokenizer is not None and not Path(config.data.tokenizer).is_dir():
-        raise UserError(f"data.tokenizer: {config.data.tokenizer} does not exist")
+    check_model_settings(config)
     if not config.data.records_dir:
         raise UserError("data.records_dir is not set; give the output directory of `neo-jax data records`")
     if not Path(config.data.records_dir).is_dir():
@@ -212,6 +196,28 @@ def check_settings(config: TrainConfig) -> None:
             raise UserError(f"{setting}: {e}") from None
     _check_task_weights(config.data)
     _check_recall(config)
+
+
+def check_model_settings(config: TrainConfig) -> None:
+    """Checks of what the model and its train state are made from (`lora`, `init`, `data.tokenizer`):
+    the part of `check_settings` that `neo-jax shard-plan` needs."""
+    if config.lora.rank < 0:
+        raise UserError(f"lora.rank must be non-negative, got {config.lora.rank}")
+    if config.lora.rank and config.stage != "instruct":
+        raise UserError(f"lora.rank={config.lora.rank} needs stage=instruct: the {config.stage} stage "
+                        "keeps every non-SID weight unchanged")
+    init = config.init
+    if (init.checkpoint is None) == (init.model_config is None):
+        raise UserError("set exactly one of init.checkpoint (a model checkpoint directory) and init.model_config "
+                        "(the model YAML of a new random model)")
+    if init.checkpoint is not None and not Path(init.checkpoint).is_dir():
+        raise UserError(f"init.checkpoint: {init.checkpoint} does not exist")
+    if init.model_config is not None and not Path(init.model_config).is_file():
+        raise UserError(f"init.model_config: {init.model_config} does not exist")
+    if init.model_config is not None and config.data.tokenizer is None:
+        raise UserError("data.tokenizer is not set; a random model takes its vocabulary from the tokenizer")
+    if config.data.tokenizer is not None and not Path(config.data.tokenizer).is_dir():
+        raise UserError(f"data.tokenizer: {config.data.tokenizer} does not exist")
 
 
 def _check_task_weights(data: DataConfig) -> None:

@@ -4,8 +4,10 @@
 
 Set-up order: settings and paths, joining the other processes, the mesh and the batch
 layout, the Recall@K validation inputs (`eval.recall_*`), the model's vocabulary and shape,
-the data iterators, the latest checkpoint (and whether it may be resumed); only then is anything
-compiled. A run directory with checkpoints resumes from the latest one (same data position, same
+where each parameter and optimizer value lives on the mesh (an axis that does not divide a
+parameter stops the run here, unless `mesh.allow_replicated` names that dimension), the data
+iterators, the latest checkpoint (and whether it may be resumed); only then is anything compiled.
+A run directory with checkpoints resumes from the latest one (same data position, same
 optimizer state, same learning-rate schedule). The schedule is built from `steps` and the
 optimizer's learning rate, warm-up and end ratio; the run saves them in `RUN_DIR/train_config.json`,
 and a resume whose settings differ is refused (`check_resume_schedule`) before anything is restored
@@ -30,9 +32,10 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
 from neo_jax.atomic import atomic_write_text
 from neo_jax.catalog.sid_output import load_sid_output
@@ -55,7 +58,7 @@ from neo_jax.train.flops import matmul_params, measured_peak_flops, mfu, train_f
 from neo_jax.train.input import train_batches, validation_batches
 from neo_jax.progress import Progress
 from neo_jax.train.monitor import MetricsLog, progress_fields
-from neo_jax.train.stages import StagePlan, learning_rate_schedule, make_optimizer, make_plan
+from neo_jax.train.stages import Params, StagePlan, learning_rate_schedule, make_optimizer, make_plan
 from neo_jax.train.step import (StepFunctions, TrainState, Unlikelihood, evaluated_weights, make_steps,
                                 new_train_state, train_state_shardings)
 from neo_jax.vocab import VocabLayout
@@ -81,7 +84,7 @@ class TrainResult:
     best_dir: str | None = None  # the model `eval.select` chose (None without selection)
 
 
-def _model_source(config: TrainConfig) -> tuple[ModelConfig, VocabLayout]:
+def model_source(config: TrainConfig) -> tuple[ModelConfig, VocabLayout]:
     """The shape of the model to train (compute dtype from the train config) and its vocabulary.
 
     A checkpoint without a vocabulary layout (straight from `neo-jax import-hf`) is
@@ -111,13 +114,46 @@ def _model_source(config: TrainConfig) -> tuple[ModelConfig, VocabLayout]:
 
 
 def _initial_params(config: TrainConfig, model_config: ModelConfig, layout: VocabLayout, mesh: Mesh) -> dict:
+    allowed = config.mesh.allow_replicated
     if config.init.model_config is not None:
-        model = create_sharded(lambda: Decoder(model_config, nnx.Rngs(config.seed)), mesh)
+        model = create_sharded(lambda: Decoder(model_config, nnx.Rngs(config.seed)), mesh, allowed)
     else:
-        model = load_model(config.init.checkpoint, mesh, dtype=config.compute_dtype)
-        if model.config.vocab_size != model_config.vocab_size:  # not extended yet (see `_model_source`)
-            model = extend_vocab(model, layout, mesh, seed=config.seed)
+        model = load_model(config.init.checkpoint, mesh, dtype=config.compute_dtype, allow_replicated=allowed)
+        if model.config.vocab_size != model_config.vocab_size:  # not extended yet (see `model_source`)
+            model = extend_vocab(model, layout, mesh, seed=config.seed, allow_replicated=allowed)
     return nnx.to_pure_dict(nnx.state(model))
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """The train state of a config, abstract (shapes, dtypes and shardings; nothing on a device)."""
+
+    graphdef: nnx.GraphDef  # of the decoder
+    abstract_params: Params  # the decoder's parameters, as `jax.ShapeDtypeStruct`s
+    plan: StagePlan
+    masks: Params  # which trainable values may change
+    tx: optax.GradientTransformation
+    init_state: Callable[[Params], TrainState]  # the decoder's parameters -> the state at step 0
+    abstract_state: TrainState
+    shardings: TrainState  # a `NamedSharding` per leaf of `abstract_state`
+
+
+def train_state_layout(config: TrainConfig, model_config: ModelConfig, layout: VocabLayout,
+                       mesh: Mesh | AbstractMesh) -> StateLayout:
+    """What the run's state holds and where it lives on `mesh`; a mesh axis that does not divide a
+    parameter stops here (`neo_jax.sharding.logical_to_spec`), before anything is compiled."""
+    graphdef, abstract_model_state = nnx.split(abstract_decoder(model_config))
+    abstract_params = nnx.to_pure_dict(abstract_model_state)
+    param_shardings = nnx.to_pure_dict(state_shardings(abstract_model_state, mesh, config.mesh.allow_replicated))
+    plan = make_plan(config.stage, config.lora, layout)
+    key = jax.random.key(config.seed)
+    abstract_trainable, _ = jax.eval_shape(lambda p: plan.split(p, key), abstract_params)
+    masks = plan.update_masks(abstract_trainable)
+    tx = make_optimizer(config.optimizer, config.steps, masks)
+    init_state = lambda params: new_train_state(params, plan, tx, key, ema=config.optimizer.ema_decay > 0)
+    abstract_state = jax.eval_shape(init_state, abstract_params)
+    shardings = train_state_shardings(abstract_state, param_shardings, plan, tx, mesh)
+    return StateLayout(graphdef, abstract_params, plan, masks, tx, init_state, abstract_state, shardings)
 
 
 class _Throughput:
@@ -190,20 +226,9 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     mesh = make_mesh(config.mesh, devices)
     check_against_mesh(config, dict(mesh.shape), jax.process_count())
     hooks = _config_hooks(config, mesh)
-    model_config, layout = _model_source(config)
-    graphdef, abstract_model_state = nnx.split(abstract_decoder(model_config))
-    abstract_params = nnx.to_pure_dict(abstract_model_state)
-    param_shardings = nnx.to_pure_dict(state_shardings(abstract_model_state, mesh))
-
-    plan = make_plan(config.stage, config.lora, layout)
-    key = jax.random.key(config.seed)
-    abstract_trainable, _ = jax.eval_shape(lambda p: plan.split(p, key), abstract_params)
-    masks = plan.update_masks(abstract_trainable)
-    tx = make_optimizer(config.optimizer, config.steps, masks)
-    ema_decay = config.optimizer.ema_decay
-    init_state = lambda params: new_train_state(params, plan, tx, key, ema=ema_decay > 0)
-    abstract_state = jax.eval_shape(init_state, abstract_params)
-    shardings = train_state_shardings(abstract_state, param_shardings, plan, tx, mesh)
+    model_config, layout = model_source(config)
+    state_layout = train_state_layout(config, model_config, layout, mesh)
+    shardings = state_layout.shardings
 
     data = train_batches(config)
     valid_batches = []  # every evaluation reads the same validation batches: read them once
@@ -218,21 +243,23 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
             checkpoints.close()
             data.close()
             raise
-        state = checkpoints.restore(start_step, abstract_like(abstract_state, shardings), data)
+        state = checkpoints.restore(start_step, abstract_like(state_layout.abstract_state, shardings), data)
     else:
         start_step = 0
-        state = jax.jit(init_state, out_shardings=shardings)(_initial_params(config, model_config, layout, mesh))
+        state = jax.jit(state_layout.init_state, out_shardings=shardings)(
+            _initial_params(config, model_config, layout, mesh))
 
     unlikelihood = (Unlikelihood(config.unlikelihood, layout.code_level_table(), config.unlikelihood_from_level)
                     if config.unlikelihood else None)
-    steps = make_steps(graphdef, plan, tx, masks, learning_rate_schedule(config.optimizer, config.steps),
-                       config.grad_accum_steps, shardings, mesh, config.dropout, config.seed, unlikelihood,
-                       ema_decay)
-    flops_per_token = train_flops_per_token(matmul_params(abstract_params), model_config.num_layers,
+    plan = state_layout.plan
+    steps = make_steps(state_layout.graphdef, plan, state_layout.tx, state_layout.masks,
+                       learning_rate_schedule(config.optimizer, config.steps), config.grad_accum_steps, shardings,
+                       mesh, config.dropout, config.seed, unlikelihood, config.optimizer.ema_decay)
+    flops_per_token = train_flops_per_token(matmul_params(state_layout.abstract_params), model_config.num_layers,
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
     throughput = _Throughput(config.batch_size * config.seq_len, flops_per_token, peak)
-    return _Run(config, graphdef, plan, layout, steps, state, start_step, data, valid_batches, checkpoints,
+    return _Run(config, state_layout.graphdef, plan, layout, steps, state, start_step, data, valid_batches, checkpoints,
                 throughput, hooks, jax.jit(plan.params))
 
 
