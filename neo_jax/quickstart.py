@@ -159,14 +159,16 @@ def run_quickstart(config: QuickstartConfig) -> dict:
          f"--examples {examples_path} --beams {config.beams} --limit {len(examples)} --seed {config.seed}"
          + (" --exclude-history" if config.exclude_history else ""))
     mesh = make_mesh(config.mesh)
-    generator = load_generator(tuned, root / "sids", mesh, root / "tokenizer", data_dir)
+    generator = load_generator(tuned, root / "sids", mesh, root / "tokenizer", data_dir,
+                               allow_replicated=config.mesh.allow_replicated)
     model_metrics = evaluate_recommendations(generator, examples, beams=config.beams,
                                              exclude_history=config.exclude_history)
     say(PREFIX, f"eval: neo-jax eval language --ckpt {tuned} --base-ckpt {grounded} --sids {root / 'sids'} "
          f"--tokenizer {root / 'tokenizer'} --data {data_dir} --examples {examples_path} "
          f"--items {config.language_items} --users {config.language_users} --seed {config.seed}")
+    grounded_model = load_model(grounded, mesh, allow_replicated=config.mesh.allow_replicated)
     language = evaluate_language(generator, load_dataset(data_dir).catalog, all_examples,
-                                 read_text_lines(HELDOUT_TEXT), load_model(grounded, mesh),
+                                 read_text_lines(HELDOUT_TEXT), grounded_model,
                                  items=config.language_items, users=config.language_users, seed=config.seed)
     histories = [{generator.row_of_id[i] for i in e.history} for e in examples] if config.exclude_history else None
     result = {"out": str(root), "eval_split": config.eval_split, "users": len(examples),

@@ -136,7 +136,8 @@ def _model_metrics(config: RecBenchConfig, root: Path, checkpoint: Path, chosen:
 
     examples = read_examples(root / "tasks" / "test.jsonl")
     examples = [examples[i] for i in chosen.tolist()]
-    generator = load_generator(checkpoint, root / "sids", make_mesh(config.mesh), root / "tokenizer")
+    generator = load_generator(checkpoint, root / "sids", make_mesh(config.mesh), root / "tokenizer",
+                               allow_replicated=config.mesh.allow_replicated)
     return {protocol: clock.run(f"eval model ({protocol})", evaluate_recommendations, generator, examples,
                                 beams=config.beams, batch_size=config.eval_batch_size, ks=config.ks,
                                 exclude_history=exclude)
