@@ -56,6 +56,20 @@ def test_yaml_config_without_torch(tmp_path, capsys):
     assert result["torch"] is None and result["ratio_vs_torch"] is None
 
 
+def test_lora_step_against_the_full_step_in_the_same_run(capsys):
+    result = _bench(["--preset", "tiny", "--no-torch", "--lora-rank", "4", "--lora-targets", "q_kernel,up_kernel",
+                     *FAST], capsys)
+    _check_ours(result, 8, 16)
+    lora, memory = result["lora"], result["memory"]
+    assert lora["rank"] == 4 and lora["targets"] == ["q_kernel", "up_kernel"]
+    for figures in (memory, lora["memory"]):
+        assert figures["peak_bytes"] == (figures["argument_bytes"] + figures["output_bytes"] + figures["temp_bytes"]
+                                         - figures["alias_bytes"]) > 0
+    assert lora["step_time_ratio_vs_full"] == pytest.approx(lora["step_seconds"] / result["step_seconds"])
+    assert lora["peak_memory_ratio_vs_full"] == pytest.approx(lora["memory"]["peak_bytes"] / memory["peak_bytes"])
+    assert lora["tokens_per_s"] == pytest.approx(8 * 16 / lora["step_seconds"])
+
+
 def test_against_torch_on_a_mesh(capsys):
     result = _bench(["--preset", "tiny", "--mesh.data", "2", "--mesh.fsdp", "2", "--mesh.tensor", "2", *FAST],
                     capsys)
@@ -83,6 +97,7 @@ def test_shape_from_a_hugging_face_or_checkpoint_directory(tiny_hf_model, tmp_pa
     (["--steps", "0"], "--steps must be at least 1"),
     (["--config", "/nonexistent/model.yaml"], "/nonexistent/model.yaml does not exist"),
     (["--mesh.tensor", "3"], "8 devices cannot be split"),
+    (["--lora-rank", "2", "--lora-targets", "q_proj"], "--lora-targets: ['q_proj'] are not projection kernels"),
 ])
 def test_bad_arguments_are_user_errors(argv, message, capsys):
     assert cli.main(["bench", "model", "--no-torch", *argv]) == 2

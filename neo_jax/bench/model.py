@@ -34,12 +34,12 @@ from neo_jax.checkpoint import MODEL_CONFIG, abstract_decoder, load_model_config
 from neo_jax.config import load_config
 from neo_jax.errors import UserError
 from neo_jax.hf.import_hf import HF_CONFIG_FILE, read_hf_config
-from neo_jax.model import ModelConfig
+from neo_jax.model import Decoder, Llama3RopeScaling, ModelConfig
 from neo_jax.sharding import add_mesh_arguments, load_sharded, mesh_from_arguments, state_shardings
 from neo_jax.train.config import LoraConfig, OptimizerConfig
 from neo_jax.train.flops import matmul_params, measured_peak_flops, mfu, train_flops_per_token
-from neo_jax.train.stages import learning_rate_schedule, make_optimizer, make_plan
-from neo_jax.train.step import Batch, make_steps, new_train_state, train_state_shardings
+from neo_jax.train.stages import LORA_INPUT_AXES, StagePlan, learning_rate_schedule, make_optimizer, make_plan
+from neo_jax.train.step import Batch, StepFunctions, make_steps, new_train_state, train_state_shardings
 
 
 # Architecture shapes only (weights are random).
@@ -53,6 +53,16 @@ PRESETS: dict[str, ModelConfig] = {
                                 intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
                                 rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
                                 tie_word_embeddings=True),
+    # meta-llama/Llama-3.2-1B and Qwen/Qwen3-0.6B: NEO's starting points (`neo-jax bench scale`).
+    "llama-3.2-1b": ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=2048,
+                                intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                                rms_norm_eps=1e-5, rope_theta=500000.0,
+                                rope_scaling=Llama3RopeScaling(32.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
+                                tie_word_embeddings=True),
+    "qwen3-0.6b": ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=1024,
+                              intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                              rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                              tie_word_embeddings=True),
 }
 DEFAULT_PRESET = "small"
 
@@ -73,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype of both models; weights and optimizer stay float32 (default float32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers + torch reference")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="also time the LoRA step of this rank (frozen kernels, x@W + s*(x@A)@B) against "
+                             "the full step, with both steps' compiled memory (default 0: no LoRA step)")
+    parser.add_argument("--lora-targets", default=",".join(LORA_INPUT_AXES),
+                        help="comma-separated kernels the adapters adapt (default: all projections)")
     add_mesh_arguments(parser)
 
 
@@ -129,31 +144,70 @@ def random_weights(config: ModelConfig, seed: int) -> Callable[[tuple, tuple[int
     return draw
 
 
-def our_train_step(config: ModelConfig, mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray], seed: int,
-                   total_steps: int, allow_replicated: tuple[str, ...]) -> Callable[[], None]:
-    """The trainer's full-model step (instruct stage, no LoRA) on a random model; each call runs one step."""
+@dataclasses.dataclass(frozen=True)
+class RandomModelSteps:
+    """The trainer's instruct stage for a shape (every weight, or LoRA adapters and the token
+    tables), nothing placed on a device yet."""
+
+    abstract_model: Decoder
+    init_state: Callable  # the decoder's parameters -> the train state at step 0
+    abstract_state: dict  # `jax.ShapeDtypeStruct` leaves
+    shardings: dict  # a `NamedSharding` per leaf of `abstract_state`
+    steps: StepFunctions
+
+
+def random_model_steps(config: ModelConfig, mesh: jax.sharding.Mesh, seed: int, total_steps: int,
+                       allow_replicated: tuple[str, ...], loss_chunk: int = 0,
+                       lora: LoraConfig = LoraConfig()) -> RandomModelSteps:
+    """The state layout and jitted steps of the trainer's instruct stage (`make_steps`); with
+    `lora.rank`, its targeted kernels frozen and adapted (every row of the token tables trains)."""
     abstract_model = abstract_decoder(config)
     graphdef, abstract_model_state = nnx.split(abstract_model)
     abstract_params = nnx.to_pure_dict(abstract_model_state)
     param_shardings = nnx.to_pure_dict(state_shardings(abstract_model_state, mesh, allow_replicated))
-    plan = make_plan("instruct", LoraConfig(), None)  # every parameter trains
+    plan = StagePlan("instruct", None, lora) if lora.rank else make_plan("instruct", lora, None)
     key = jax.random.key(seed)
     abstract_trainable, _ = jax.eval_shape(lambda p: plan.split(p, key), abstract_params)
     masks = plan.update_masks(abstract_trainable)
     optimizer = OptimizerConfig()
     tx = make_optimizer(optimizer, total_steps, masks)
     init_state = lambda params: new_train_state(params, plan, tx, key)
-    shardings = train_state_shardings(jax.eval_shape(init_state, abstract_params), param_shardings, plan, tx, mesh)
-    model = load_sharded(abstract_model, random_weights(config, seed), mesh, allow_replicated=allow_replicated)
-    state = jax.jit(init_state, out_shardings=shardings)(nnx.to_pure_dict(nnx.state(model)))
-    steps = make_steps(graphdef, plan, tx, masks, learning_rate_schedule(optimizer, total_steps), 1, shardings, mesh)
-    global_batch: Batch = jax.device_put(batch, steps.batch_sharding)
+    abstract_state = jax.eval_shape(init_state, abstract_params)
+    shardings = train_state_shardings(abstract_state, param_shardings, plan, tx, mesh)
+    steps = make_steps(graphdef, plan, tx, masks, learning_rate_schedule(optimizer, total_steps), 1, shardings, mesh,
+                       loss_chunk=loss_chunk)
+    return RandomModelSteps(abstract_model, init_state, abstract_state, shardings, steps)
+
+
+def memory_figures(compiled) -> dict:
+    """XLA's per-device memory analysis of a compiled SPMD step, in bytes: arguments, outputs,
+    temporaries, aliased (donated), and the peak estimate arguments + outputs + temporaries - aliased."""
+    stats = compiled.memory_analysis()
+    figures = {"argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
+               "temp_bytes": stats.temp_size_in_bytes, "alias_bytes": stats.alias_size_in_bytes,
+               "generated_code_bytes": stats.generated_code_size_in_bytes}
+    figures["peak_bytes"] = (figures["argument_bytes"] + figures["output_bytes"] + figures["temp_bytes"]
+                             - figures["alias_bytes"])
+    figures["peak_gib"] = figures["peak_bytes"] / 2 ** 30
+    return figures
+
+
+def our_train_step(config: ModelConfig, mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray], seed: int,
+                   total_steps: int, allow_replicated: tuple[str, ...], loss_chunk: int = 0,
+                   lora: LoraConfig = LoraConfig()) -> tuple[Callable[[], None], dict]:
+    """The trainer's instruct step on a random model (all weights, or `lora`'s adapters): a callable
+    that runs one step, and the compiled step's memory figures (`memory_figures`)."""
+    parts = random_model_steps(config, mesh, seed, total_steps, allow_replicated, loss_chunk, lora)
+    model = load_sharded(parts.abstract_model, random_weights(config, seed), mesh, allow_replicated=allow_replicated)
+    state = jax.jit(parts.init_state, out_shardings=parts.shardings)(nnx.to_pure_dict(nnx.state(model)))
+    global_batch: Batch = jax.device_put(batch, parts.steps.batch_sharding)
+    compiled = parts.steps.train.lower(state, global_batch).compile()
 
     def step() -> None:
         nonlocal state
-        state, metrics = steps.train(state, global_batch)
+        state, metrics = compiled(state, global_batch)
         jax.block_until_ready((state, metrics))
-    return step
+    return step, memory_figures(compiled)
 
 
 def usable_cores() -> int:
@@ -205,6 +259,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("batch", "seq_len", "steps", "warmup"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lora_rank < 0:
+        raise UserError(f"--lora-rank must be non-negative, got {args.lora_rank}")
+    unknown = [t for t in args.lora_targets.split(",") if t.strip() not in LORA_INPUT_AXES]
+    if args.lora_rank and unknown:
+        raise UserError(f"--lora-targets: {unknown} are not projection kernels; choose from {list(LORA_INPUT_AXES)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,9 +282,22 @@ def run(args: argparse.Namespace) -> int:
     print("bench model: measuring peak jnp.dot FLOP/s", file=sys.stderr, flush=True)
     peak_flops = measured_peak_flops(config.dtype)
     print("bench model: building and compiling our train step", file=sys.stderr, flush=True)
-    step = our_train_step(config, mesh, batch, args.seed, args.warmup + args.steps, args.mesh_allow_replicated)
+    total_steps = args.warmup + args.steps
+    step, memory = our_train_step(config, mesh, batch, args.seed, total_steps, args.mesh_allow_replicated)
     warmup_seconds, step_seconds = time_steps(step, args.warmup, args.steps, "neo_jax")
     tokens_per_s = args.batch * args.seq_len / step_seconds
+    lora = None
+    if args.lora_rank:
+        adapters = LoraConfig(rank=args.lora_rank, targets=tuple(t.strip() for t in args.lora_targets.split(",")))
+        print(f"bench model: building and compiling the LoRA step (rank {adapters.rank})", file=sys.stderr, flush=True)
+        lora_step, lora_memory = our_train_step(config, mesh, batch, args.seed, total_steps,
+                                                args.mesh_allow_replicated, lora=adapters)
+        lora_warmup, lora_seconds = time_steps(lora_step, args.warmup, args.steps, "neo_jax LoRA")
+        lora = {"rank": adapters.rank, "alpha": adapters.alpha, "targets": list(adapters.targets),
+                "step_seconds": lora_seconds, "warmup_seconds": lora_warmup,
+                "tokens_per_s": args.batch * args.seq_len / lora_seconds, "memory": lora_memory,
+                "step_time_ratio_vs_full": lora_seconds / step_seconds,
+                "peak_memory_ratio_vs_full": lora_memory["peak_bytes"] / memory["peak_bytes"]}
     reference = None if args.no_torch else torch_reference(config, batch, args.warmup, args.steps, args.seed)
 
     devices = mesh.devices.flatten()
@@ -249,6 +321,8 @@ def run(args: argparse.Namespace) -> int:
         "load_average_1m": {"start": load_before, "end": os.getloadavg()[0]},
         "tokens_per_s": tokens_per_s,
         "step_seconds": step_seconds,
+        "memory": memory,
+        "lora": lora,
         "warmup_seconds": warmup_seconds,
         "model_flops_per_token": flops_per_token,
         "model_flops_per_s": tokens_per_s * flops_per_token,

@@ -24,6 +24,16 @@ from neo_jax.json_file import read_json_object
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 DTYPES = ("float32", "bfloat16")
+# How attention is computed (`neo_jax.model.layers.Attention`): "einsum", our own grouped einsums
+# with a float32 softmax; "xla" or "cudnn", `jax.nn.dot_product_attention` with that implementation
+# (cuDNN's fused kernel needs a GPU and bfloat16/float16). On a TPU the fused kernel is Pallas splash
+# attention (`jax.experimental.pallas.ops.tpu.splash_attention`), which takes the same segment ids.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+# What the backward pass of a layer keeps from its forward pass (`jax.checkpoint_policies`):
+# "none" keeps everything (no rematerialisation), "full" keeps only the layer's input and
+# recomputes the rest, "dots" keeps every matmul output, "dots_no_batch" the matmuls without
+# batch dimensions (the projections, not attention's scores).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +53,9 @@ class ModelConfig:
     `vocab_size` is the number of rows of the input embedding (and output head). After a
     vocabulary extension it is the padded size, and `num_real_tokens` (tokens that may be
     predicted) is smaller: the logits of rows `num_real_tokens..vocab_size-1` are masked.
-    `dtype` is the compute dtype; parameters are always stored in float32.
+    `dtype` is the compute dtype; parameters are always stored in float32. `attention`,
+    `attention_chunk`, `remat` and `scan_layers` say how the forward pass runs, not what it computes (the same function within
+    float rounding): see `ATTENTION_IMPLEMENTATIONS`, `REMAT_POLICIES`, and `Decoder` for the scan.
     """
 
     architecture: Literal["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
@@ -65,6 +77,10 @@ class ModelConfig:
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    scan_layers: bool = False  # run the layers of a full forward pass as one `lax.scan`
+    attention_chunk: int = 0  # queries attended at a time (`Attention._attend_in_chunks`); 0: all at once
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -72,6 +88,13 @@ class ModelConfig:
                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise UserError(f"attention {self.attention!r} is not supported; choose one of "
+                            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        if self.remat not in REMAT_POLICIES:
+            raise UserError(f"remat {self.remat!r} is not supported; choose one of {', '.join(REMAT_POLICIES)}")
+        if self.attention_chunk < 0:
+            raise UserError(f"attention_chunk must be non-negative, got {self.attention_chunk}")
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:

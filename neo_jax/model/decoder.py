@@ -30,14 +30,34 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from neo_jax.model.config import ModelConfig
 from neo_jax.model.kv_cache import KVCache, SharedPromptCache, write_at
 from neo_jax.model.layers import (Attention, Dropout, PromptKeys, RMSNorm, SwiGLU, attention_mask, make_param,
                                   rope_inverse_frequencies)
+from neo_jax.sharding import LOGICAL_AXIS_RULES
 
 # Logit of a vocabulary padding row: never predicted, yet finite so sums stay finite.
 MASKED_LOGIT = -1e9
+
+# `ModelConfig.remat` -> what `jax.checkpoint` may keep (None: no checkpointing).
+REMAT_POLICY_FUNCTIONS = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def pin_batch(x: jax.Array) -> jax.Array:
+    """`x` `[batch, ...]` with its batch split over the mesh's data axes, inside a mesh context
+    (`jax.sharding.use_abstract_mesh`, as the train steps trace); unchanged outside one. The scan's
+    carry needs it: XLA's sharding propagation through the loop may otherwise give every device
+    the whole batch."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(LOGICAL_AXIS_RULES["batch"], *([None] * (x.ndim - 1))))
 
 
 class DecoderLayer(nnx.Module):
@@ -119,6 +139,8 @@ class Decoder(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.compute_dtype)  # [batch, len, embed]
         if dropout is not None:
             x = dropout(x, 0)
+        if cache is None and all(prompt is None for prompt in prompts):  # a full forward pass (training)
+            return self.final_norm(self._run_layers(x, positions, inv_freq, mask, dropout)), None
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             cached_kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
@@ -126,11 +148,35 @@ class Decoder(nnx.Module):
                                       (1 + 2 * i, 2 + 2 * i))
             new_keys.append(keys)
             new_values.append(values)
-        hidden = self.final_norm(x)
-        if cache is None:
-            return hidden, None
-        return hidden, KVCache(keys=tuple(new_keys), values=tuple(new_values), segment_ids=key_segments,
-                               end=cache.end + length)
+        return self.final_norm(x), KVCache(keys=tuple(new_keys), values=tuple(new_values),
+                                           segment_ids=key_segments, end=cache.end + length)
+
+    def _run_layers(self, x: jax.Array, positions: jax.Array, inv_freq, mask: jax.Array,
+                    dropout: Dropout | None) -> jax.Array:
+        """The layers over `x` `[batch, len, embed]` without a cache: one after another, or as one
+        `lax.scan` over their weights stacked on a leading axis (`scan_layers`: the layer is traced
+        once, so compile time does not grow with depth; the stacked copy of the weights, in float32,
+        lives for the step), each under `jax.checkpoint` with the config's `remat` policy."""
+        policy = REMAT_POLICY_FUNCTIONS[self.config.remat]
+
+        def run(layer: DecoderLayer, x, index, dropout):
+            sites = (1 + 2 * index, 2 + 2 * index)
+            return layer(x, positions, inv_freq, mask, None, None, dropout, sites)[0]
+
+        if policy is not None:
+            run = nnx.remat(run, policy=policy, prevent_cse=not self.config.scan_layers)
+        if not self.config.scan_layers:
+            for i, layer in enumerate(self.layers):
+                x = run(layer, x, i, dropout)
+            return x
+        graphdef, _ = nnx.split(self.layers[0])
+        stacked = jax.tree.map(lambda *weights: jnp.stack(weights), *[nnx.state(layer) for layer in self.layers])
+
+        def body(x, indexed):
+            index, weights = indexed
+            return pin_batch(run(nnx.merge(graphdef, weights), x, index, dropout)), None
+        x, _ = jax.lax.scan(body, pin_batch(x), (jnp.arange(self.config.num_layers), stacked))
+        return x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits `[batch, len, vocab]` of hidden states `[batch, len, embed]`."""

@@ -79,6 +79,31 @@ def attention_mask(query_segments: jax.Array, query_slots: jax.Array,
 
 
 @struct.dataclass
+class LowRankKernel:
+    """A frozen kernel with its low-rank adapter (LoRA, Hu et al. 2021), in place of the kernel's value
+    while a LoRA stage trains (`neo_jax.train.stages.StagePlan.adapted_params`). `project` applies it
+    as `x @ kernel + scale * (x @ a) @ b`: the gradient reaches `a` and `b` through rank-sized
+    products, and no kernel-sized array (`a @ b` or a weight gradient) is ever formed."""
+
+    kernel: jax.Array  # [in..., out...] float32
+    a: jax.Array  # [in, rank], `in` the product of the kernel's first `input_axes` sizes
+    b: jax.Array  # [rank, out]
+    scale: float = struct.field(pytree_node=False)  # alpha / rank
+    input_axes: int = struct.field(pytree_node=False)
+
+
+def project(x: jax.Array, kernel: nnx.Param, equation: str) -> jax.Array:
+    """`einsum(equation, x, kernel)` in `x`'s dtype; a `LowRankKernel` adds its adapter's product."""
+    value = kernel.get_value()
+    if not isinstance(value, LowRankKernel):
+        return jnp.einsum(equation, x, value.astype(x.dtype))
+    out = jnp.einsum(equation, x, value.kernel.astype(x.dtype))  # [..., out...]
+    inputs = x.reshape(*x.shape[:x.ndim - value.input_axes], -1)  # [..., in]
+    low_rank = (inputs @ value.a.astype(x.dtype)) @ value.b.astype(x.dtype)  # [..., out]
+    return out + (value.scale * low_rank).reshape(out.shape)
+
+
+@struct.dataclass
 class Dropout:
     """Training-time dropout: each call site `site` draws its own mask from `key`.
 
@@ -124,9 +149,11 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, config.rms_norm_eps, "head_dim", rngs) if config.qk_norm else None
         self.num_kv_heads = k
         self.scale = hd ** -0.5
+        self.implementation = config.attention
+        self.query_chunk = config.attention_chunk
 
     def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
-        out = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(x.dtype))  # [batch, len, heads, head_dim]
+        out = project(x, kernel, "btd,dhk->bthk")  # [batch, len, heads, head_dim]
         return out if bias is None else out + bias[...].astype(x.dtype)
 
     def project_kv(self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
@@ -142,36 +169,75 @@ class Attention(nnx.Module):
 
         `mask` is `[batch, len, keys]` (see `attention_mask`). With `prompt`, the rows of `x` are
         `width` sequences per request (`batch = requests * width`) that also attend to their
-        request's shared prompt keys, which come before every key of their own.
+        request's shared prompt keys, which come before every key of their own; that joint softmax
+        over two key sets is always our einsums. Otherwise the config's `attention` chooses them or
+        `jax.nn.dot_product_attention` (a query with no visible key gets a uniform softmax either way),
+        over `attention_chunk` queries at a time where that is set and shorter than `len`.
         """
         queries = self._project(x, self.q_kernel, self.q_bias)  # [batch, len, heads, head_dim]
         if self.q_norm is not None:
             queries = self.q_norm(queries)
         queries = apply_rope(queries, positions, inv_freq)
+        keys, values = keys.astype(x.dtype), values.astype(x.dtype)
+        if prompt is not None:
+            return self._output(self._attend_with_prompt(queries, keys, values, mask, prompt))
+        if 0 < self.query_chunk < queries.shape[1]:
+            return self._output(self._attend_in_chunks(queries, keys, values, mask))
+        return self._output(self._attend(queries, keys, values, mask))
+
+    def _attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+        """Softmax attention `[batch, len, heads, head_dim]` of `queries` over `keys`, as `mask` allows."""
+        if self.implementation != "einsum":
+            return jax.nn.dot_product_attention(queries, keys, values, mask=mask[:, None, :, :], scale=self.scale,
+                                                implementation=self.implementation)
         b, t, h, hd = queries.shape
         grouped = queries.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, hd)  # [b, t, kv, group, hd]
-        scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys.astype(x.dtype),
+        scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys,
                             preferred_element_type=jnp.float32) * self.scale  # [b, kv, group, t, keys]
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
-        if prompt is None:
-            weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-            attended = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(x.dtype))
-        else:
-            requests, width = prompt.keys.shape[0], b // prompt.keys.shape[0]
-            by_request = grouped.reshape(requests, width, *grouped.shape[1:])  # [r, width, t, kv, group, hd]
-            prompt_scores = jnp.einsum("rwtkgd,rskd->rwkgts", by_request, prompt.keys.astype(x.dtype),
-                                       preferred_element_type=jnp.float32) * self.scale  # [r, w, kv, g, t, p]
-            prompt_scores = jnp.where(prompt.mask[:, None, None, None, None, :], prompt_scores, _MASKED_SCORE)
-            prompt_len = prompt_scores.shape[-1]
-            joint = jnp.concatenate([prompt_scores.reshape(b, *prompt_scores.shape[2:]), scores], axis=-1)
-            weights = jax.nn.softmax(joint, axis=-1).astype(x.dtype)  # [b, kv, group, t, prompt_len + keys]
-            prompt_weights = weights[..., :prompt_len].reshape(requests, width, *weights.shape[1:-1], prompt_len)
-            attended = (jnp.einsum("rwkgts,rskd->rwtkgd", prompt_weights, prompt.values.astype(x.dtype))
-                        .reshape(b, t, *grouped.shape[2:4], hd)
-                        + jnp.einsum("bkgts,bskd->btkgd", weights[..., prompt_len:], values.astype(x.dtype)))
-        attended = attended.reshape(b, t, h, hd)
-        out = jnp.einsum("bthk,hkd->btd", attended, self.o_kernel[...].astype(x.dtype))  # [batch, len, embed]
-        return out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)
+        weights = jax.nn.softmax(scores, axis=-1).astype(queries.dtype)
+        return jnp.einsum("bkgts,bskd->btkgd", weights, values).reshape(b, t, h, hd)
+
+    def _attend_in_chunks(self, queries: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array
+                          ) -> jax.Array:
+        """`_attend`, `query_chunk` queries at a time in a `lax.map` under `jax.checkpoint`: the scores
+        of one chunk (`[batch, heads, chunk, keys]`) exist at once, forward and backward."""
+        b, t, h, hd = queries.shape
+        chunk = self.query_chunk
+        count = -(-t // chunk)
+        pad = count * chunk - t  # padded queries see no key (a uniform softmax), and are dropped
+        chunked_queries = jnp.pad(queries, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, count, chunk, h, hd)
+        chunked_mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, count, chunk, mask.shape[-1])
+        attend = jax.checkpoint(lambda q, m: self._attend(q, keys, values, m))
+        attended = jax.lax.map(lambda qm: attend(*qm), (chunked_queries.swapaxes(0, 1), chunked_mask.swapaxes(0, 1)))
+        return attended.swapaxes(0, 1).reshape(b, count * chunk, h, hd)[:, :t]  # [batch, len, heads, head_dim]
+
+    def _attend_with_prompt(self, queries: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+                            prompt: PromptKeys) -> jax.Array:
+        """`_attend` over the request's shared prompt keys and the sequence's own keys, one softmax."""
+        b, t, h, hd = queries.shape
+        grouped = queries.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, hd)  # [b, t, kv, group, hd]
+        scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys,
+                            preferred_element_type=jnp.float32) * self.scale  # [b, kv, group, t, keys]
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED_SCORE)
+        requests, width = prompt.keys.shape[0], b // prompt.keys.shape[0]
+        by_request = grouped.reshape(requests, width, *grouped.shape[1:])  # [r, width, t, kv, group, hd]
+        prompt_scores = jnp.einsum("rwtkgd,rskd->rwkgts", by_request, prompt.keys.astype(queries.dtype),
+                                   preferred_element_type=jnp.float32) * self.scale  # [r, w, kv, g, t, p]
+        prompt_scores = jnp.where(prompt.mask[:, None, None, None, None, :], prompt_scores, _MASKED_SCORE)
+        prompt_len = prompt_scores.shape[-1]
+        joint = jnp.concatenate([prompt_scores.reshape(b, *prompt_scores.shape[2:]), scores], axis=-1)
+        weights = jax.nn.softmax(joint, axis=-1).astype(queries.dtype)  # [b, kv, group, t, prompt_len + keys]
+        prompt_weights = weights[..., :prompt_len].reshape(requests, width, *weights.shape[1:-1], prompt_len)
+        attended = (jnp.einsum("rwkgts,rskd->rwtkgd", prompt_weights, prompt.values.astype(queries.dtype))
+                    .reshape(b, t, *grouped.shape[2:4], hd)
+                    + jnp.einsum("bkgts,bskd->btkgd", weights[..., prompt_len:], values))
+        return attended.reshape(b, t, h, hd)
+
+    def _output(self, attended: jax.Array) -> jax.Array:
+        """The output projection of `attended` `[batch, len, heads, head_dim]` -> `[batch, len, embed]`."""
+        out = project(attended, self.o_kernel, "bthk,hkd->btd")
+        return out if self.o_bias is None else out + self.o_bias[...].astype(attended.dtype)
 
 
 class SwiGLU(nnx.Module):
@@ -185,6 +251,6 @@ class SwiGLU(nnx.Module):
         self.down_kernel = make_param(rngs, normal, (f, d), ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [batch, len, embed]
-        gate = x @ self.gate_kernel[...].astype(x.dtype)  # [batch, len, mlp]
-        up = x @ self.up_kernel[...].astype(x.dtype)
-        return (jax.nn.silu(gate) * up) @ self.down_kernel[...].astype(x.dtype)
+        gate = project(x, self.gate_kernel, "btd,df->btf")  # [batch, len, mlp]
+        up = project(x, self.up_kernel, "btd,df->btf")
+        return project(jax.nn.silu(gate) * up, self.down_kernel, "btf,fd->btd")

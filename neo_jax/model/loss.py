@@ -1,6 +1,9 @@
-"""Masked next-token cross-entropy, the training objective of every stage."""
+"""Masked next-token cross-entropy, the training objective of every stage, and the history unlikelihood term."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +26,7 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Arr
 
 
 def history_unlikelihood(logits: jax.Array, targets: jax.Array, weights: jax.Array, segment_ids: jax.Array,
-                         code_levels: np.ndarray, from_level: int) -> jax.Array:
+                         code_levels: np.ndarray, from_level: int, start: jax.Array | int = 0) -> jax.Array:
     """Sum of `-log(1 - p(token))` over the SID codes that would name an item already in the sequence.
 
     Unlikelihood training (Welleck et al., 2019) against repeats, at the level of items: where
@@ -32,22 +35,79 @@ def history_unlikelihood(logits: jax.Array, targets: jax.Array, weights: jax.Arr
     penalised at position i (unless it is the target's own code). From the last level, that
     penalised code names exactly the earlier item; coarser levels would push away whole subtrees
     of similar items. `code_levels` `[vocab]` (a host array) is each token's SID level (-1: not a SID code);
-    `logits` `[batch, len, vocab]`, `targets`, `weights`, `segment_ids` `[batch, len]`; positions
-    with weight 0 are not penalised. The caller shifts, as for `masked_cross_entropy`.
+    `targets`, `weights`, `segment_ids` `[batch, len]`; `logits` `[batch, chunk, vocab]` are those of
+    positions `start .. start + chunk - 1` (all of them by default); positions with weight 0 are not
+    penalised. The caller shifts, as for `masked_cross_entropy`.
     """
-    length = targets.shape[1]
+    length, chunk = targets.shape[1], logits.shape[1]
+    rows = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)  # the query positions i
     level = jnp.asarray(code_levels, jnp.int32)[targets]  # [batch, len]
-    pairs = ((level[:, :, None] == level[:, None, :]) & (level[:, :, None] >= from_level)  # [batch, len(i), len(m)]
-             & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] > 0)
-             & (targets[:, :, None] != targets[:, None, :]) & (weights[:, :, None] > 0)
-             & (jnp.arange(length)[None, :, None] > jnp.arange(length)[None, None, :]))
+    query_level, query_targets = rows(level), rows(targets)  # [batch, chunk]
+    query_segments = rows(segment_ids)
+    pairs = ((query_level[:, :, None] == level[:, None, :]) & (query_level[:, :, None] >= from_level)
+             & (query_segments[:, :, None] == segment_ids[:, None, :]) & (query_segments[:, :, None] > 0)
+             & (query_targets[:, :, None] != targets[:, None, :]) & (rows(weights)[:, :, None] > 0)
+             & ((start + jnp.arange(chunk))[None, :, None] > jnp.arange(length)[None, None, :]))  # [batch, chunk, len]
     for distance in range(1, int(code_levels.max()) + 1):  # the item prefixes agree on their first `level` codes
         before = jnp.pad(targets, ((0, 0), (distance, 0)), constant_values=-1)[:, :length]  # [batch, len]
-        pairs &= (level[:, :, None] < distance) | (before[:, :, None] == before[:, None, :])
+        pairs &= (query_level[:, :, None] < distance) | (rows(before)[:, :, None] == before[:, None, :])
     logits = logits.astype(jnp.float32)
-    candidates = jnp.broadcast_to(targets[:, None, :], pairs.shape)  # [batch, len(i), len(m)] token ids
-    candidate_logits = jnp.take_along_axis(logits, candidates, axis=2)  # [batch, len(i), len(m)]
-    log_normaliser = jax.nn.logsumexp(logits, axis=-1)  # [batch, len]
-    candidate_log_probs = candidate_logits - log_normaliser[:, :, None]  # [batch, len(i), len(m)]
+    candidates = jnp.broadcast_to(targets[:, None, :], pairs.shape)  # [batch, chunk, len] token ids
+    candidate_logits = jnp.take_along_axis(logits, candidates, axis=2)  # [batch, chunk, len]
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)  # [batch, chunk]
+    candidate_log_probs = candidate_logits - log_normaliser[:, :, None]  # [batch, chunk, len]
     penalty = -jnp.log(jnp.clip(-jnp.expm1(candidate_log_probs), 1e-6, None))  # -log(1 - p)
     return jnp.sum(jnp.where(pairs, penalty, 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryPenalty:
+    """Where `history_unlikelihood` looks: each token's SID level and the first penalised level."""
+
+    code_levels: np.ndarray  # [vocab] SID level of each token id, -1 elsewhere
+    from_level: int
+
+
+def completion_loss_sums(hidden: jax.Array, logits_of: Callable[[jax.Array], jax.Array], targets: jax.Array,
+                         weights: jax.Array, segment_ids: jax.Array, chunk: int = 0,
+                         penalty: HistoryPenalty | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(sum of weighted -log p(targets), total weight, sum of the history penalties)` of a batch.
+
+    `hidden` `[batch, len, embed]` are the final hidden states and `logits_of` the output head
+    (`[batch, n, embed]` -> float32 `[batch, n, vocab]`). With `chunk` > 0 and shorter than the
+    sequence, the head runs on `chunk` positions at a time inside `lax.scan` under
+    `jax.checkpoint`: the float32 logits of one chunk exist at once, forward and backward, instead
+    of `[batch, len, vocab]` (the sequence is padded to a multiple of `chunk` with weight 0). The
+    sums are those of the whole computation up to float rounding. Without `penalty` its sum is 0.
+    """
+    batch, length = targets.shape
+    weights = weights.astype(jnp.float32)
+
+    def sums(hidden_rows, start):  # the positions start .. start + rows - 1
+        rows = hidden_rows.shape[1]
+        logits = logits_of(hidden_rows)  # [batch, rows, vocab]
+        row_targets = jax.lax.dynamic_slice_in_dim(targets, start, rows, axis=1)
+        row_weights = jax.lax.dynamic_slice_in_dim(weights, start, rows, axis=1)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), row_targets)
+        repeats = (jnp.zeros((), jnp.float32) if penalty is None else
+                   history_unlikelihood(logits, targets, weights, segment_ids, penalty.code_levels,
+                                        penalty.from_level, start))
+        return jnp.sum(nll * row_weights), repeats
+
+    if not 0 < chunk < length:
+        loss, repeats = sums(hidden, 0)
+        return loss, jnp.sum(weights), repeats
+    padded = -(-length // chunk) * chunk
+    pad = ((0, 0), (0, padded - length))
+    targets, weights, segment_ids = (jnp.pad(targets, pad), jnp.pad(weights, pad), jnp.pad(segment_ids, pad))
+    hidden = jnp.pad(hidden, pad + ((0, 0),))
+    chunks = hidden.reshape(batch, padded // chunk, chunk, hidden.shape[-1]).swapaxes(0, 1)  # [n, batch, chunk, embed]
+    chunk_sums = jax.checkpoint(sums)
+
+    def step(total, indexed):
+        index, hidden_rows = indexed
+        loss, repeats = chunk_sums(hidden_rows, index * chunk)
+        return (total[0] + loss, total[1] + repeats), None
+    zero = jnp.zeros((), jnp.float32)
+    (loss, repeats), _ = jax.lax.scan(step, (zero, zero), (jnp.arange(padded // chunk), chunks))
+    return loss, jnp.sum(weights), repeats

@@ -131,6 +131,14 @@ class TrainConfig:
     seq_len: int = 512
     grad_accum_steps: int = 1  # the batch is split into this many micro-batches
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # weights stay float32
+    # How the model's forward pass runs (the model config's own settings of the same names):
+    # attention "einsum" | "xla" | "cudnn", attention_chunk, remat "none" | "full" | "dots" | "dots_no_batch",
+    # scan_layers (one `lax.scan` over the layers); see `neo_jax.model.config`.
+    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    scan_layers: bool = False
+    attention_chunk: int = 0  # queries attended at a time; 0: all at once
+    loss_chunk: int = 0  # positions the output head runs on at a time in the loss; 0: all at once
     dropout: float = 0.0  # on the embeddings and every residual branch, training only
     # Weight of the history unlikelihood term (`neo_jax.model.loss.history_unlikelihood`): the
     # codes that would name an item already in the sequence are penalised, from SID level
@@ -168,6 +176,8 @@ def check_settings(config: TrainConfig) -> None:
                         f"{config.grad_accum_steps}")
     if config.seq_len < 2:
         raise UserError(f"seq_len must be at least 2, got {config.seq_len}")
+    if config.loss_chunk < 0:
+        raise UserError(f"loss_chunk must be non-negative, got {config.loss_chunk}")
     if not 0.0 <= config.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {config.dropout}")
     if config.unlikelihood < 0 or config.unlikelihood_from_level < 0:

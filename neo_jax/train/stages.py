@@ -12,8 +12,9 @@ Parameters are the pure dict of the decoder's `nnx.Param`s (`{'embed_tokens': ..
   unchanged.
 - `instruct`: every parameter trains.
 - `instruct` with LoRA: the targeted projection kernels stay frozen and learn through
-  low-rank adapters `W + alpha / rank * (A @ B)`; the special and SID rows of the
-  token tables train as in grounding (new tokens need their own embeddings).
+  low-rank adapters, computed as `x @ W + alpha / rank * (x @ A) @ B` in the step
+  (`adapted_params`; merged into `W` only for the saved model); the special and SID rows
+  of the token tables train as in grounding (new tokens need their own embeddings).
 Frozen weights get no gradient at all, so XLA never computes their weight gradients.
 """
 
@@ -30,6 +31,7 @@ import optax
 from flax import traverse_util
 
 from neo_jax.errors import UserError
+from neo_jax.model.layers import LowRankKernel
 from neo_jax.train.config import LoraConfig, OptimizerConfig
 from neo_jax.vocab import VocabLayout
 
@@ -97,13 +99,25 @@ class StagePlan:
         return {"model": model_trainable, "lora": traverse_util.unflatten_dict(lora)}, frozen
 
     def params(self, trainable: Params, frozen: Params) -> Params:
-        """The full parameters the model runs with: trainable and frozen, adapters merged in."""
+        """The full parameters of the trained model (what is saved and evaluated by the hooks):
+        trainable and frozen, adapters merged in."""
         scale = self.lora.alpha / max(self.lora.rank, 1)
         merged = traverse_util.flatten_dict(frozen)
         adapters = traverse_util.flatten_dict(trainable["lora"], is_leaf=lambda _, node: set(node) == {"a", "b"})
         for path, adapter in adapters.items():
             merged[path] = merged[path] + scale * adapter_delta(adapter, merged[path].shape)
         return combine(trainable["model"], traverse_util.unflatten_dict(merged))
+
+    def adapted_params(self, trainable: Params, frozen: Params) -> Params:
+        """The parameters the train and eval steps run with: like `params`, but each adapted kernel
+        is a `LowRankKernel` (the frozen kernel and its adapter, never merged), so the step computes
+        `x @ W + s * (x @ A) @ B` and no weight gradient of `W`'s size."""
+        scale = self.lora.alpha / max(self.lora.rank, 1)
+        kernels = traverse_util.flatten_dict(frozen)
+        adapters = traverse_util.flatten_dict(trainable["lora"], is_leaf=lambda _, node: set(node) == {"a", "b"})
+        for path, adapter in adapters.items():
+            kernels[path] = LowRankKernel(kernels[path], adapter["a"], adapter["b"], scale, LORA_INPUT_AXES[path[-1]])
+        return combine(trainable["model"], traverse_util.unflatten_dict(kernels))
 
     def update_masks(self, trainable: Params) -> Params:
         """Per trainable leaf: a bool array broadcastable to it, True where values may change."""

@@ -19,13 +19,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from neo_jax.model.layers import Dropout
-from neo_jax.model.loss import history_unlikelihood, masked_cross_entropy
+from neo_jax.model.loss import HistoryPenalty, completion_loss_sums
 from neo_jax.sharding import batch_sharding
 from neo_jax.train.stages import Params, StagePlan, apply_masked_updates, partition
 
@@ -80,26 +79,24 @@ class Unlikelihood:
     """The history unlikelihood term of the train loss (`history_unlikelihood`), at `weight`."""
 
     weight: float
-    code_levels: np.ndarray  # [vocab] SID level of each token id, -1 elsewhere
-    from_level: int
+    penalty: HistoryPenalty
 
 
 def _loss_sum(trainable: Params, frozen: Params, batch: Batch, graphdef: nnx.GraphDef,
-              plan: StagePlan, dropout: Dropout | None = None, unlikelihood: Unlikelihood | None = None
-              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+              plan: StagePlan, dropout: Dropout | None = None, unlikelihood: Unlikelihood | None = None,
+              loss_chunk: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """(the objective to differentiate, (sum of completion-token losses, number of completion
     tokens, sum of the unlikelihood penalties)) of one batch; the objective is the loss sum plus
-    `unlikelihood.weight` times the penalty sum."""
-    model = nnx.merge(graphdef, plan.params(trainable, frozen))
-    logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"],
-                      dropout=dropout)  # [batch, len, vocab]
-    mean, weight = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    penalty = jnp.zeros((), jnp.float32)
-    if unlikelihood is not None:
-        penalty = history_unlikelihood(logits, batch["targets"], batch["loss_mask"], batch["segment_ids"],
-                                       unlikelihood.code_levels, unlikelihood.from_level)
-    objective = mean * weight + (0.0 if unlikelihood is None else unlikelihood.weight) * penalty
-    return objective, (mean * weight, weight, penalty)
+    `unlikelihood.weight` times the penalty sum. The output head runs `loss_chunk` positions at a
+    time (`completion_loss_sums`; 0: all at once)."""
+    model = nnx.merge(graphdef, plan.adapted_params(trainable, frozen))
+    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                    dropout=dropout)  # [batch, len, embed]
+    loss, weight, penalty = completion_loss_sums(hidden, model.logits, batch["targets"], batch["loss_mask"],
+                                                 batch["segment_ids"], loss_chunk,
+                                                 None if unlikelihood is None else unlikelihood.penalty)
+    objective = loss + (0.0 if unlikelihood is None else unlikelihood.weight) * penalty
+    return objective, (loss, weight, penalty)
 
 
 def _micro_batches(batch: Batch, count: int, mesh: Mesh) -> Batch:
@@ -124,7 +121,8 @@ class StepFunctions:
 def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransformation, masks: Params,
                schedule: optax.Schedule, grad_accum_steps: int, state_shardings: TrainState,
                mesh: Mesh, dropout: float = 0.0, seed: int = 0,
-               unlikelihood: Unlikelihood | None = None, ema_decay: float = 0.0) -> StepFunctions:
+               unlikelihood: Unlikelihood | None = None, ema_decay: float = 0.0, loss_chunk: int = 0
+               ) -> StepFunctions:
     """The jitted train step (donates its state) and eval step.
 
     With `dropout` > 0 the train step drops the model's embeddings and residual branches at
@@ -133,12 +131,17 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
     history unlikelihood term (logged as `unlikelihood`, per completion token); the eval step's
     loss is the cross-entropy alone, comparable across runs. With `ema_decay` > 0 (the state then
     holds 'ema') the train step updates the weight average (`ema_update`) and the eval step scores
-    the average."""
+    the average. `loss_chunk` > 0 runs the output head that many positions at a time in both steps
+    (the float32 logits of the whole batch never exist at once)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_in = batch_sharding(mesh, 2)
     loss_and_grad = jax.value_and_grad(_loss_sum, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for the model's activation constraints
+            return _train_step(state, batch)
+
+    def _train_step(state: TrainState, batch: Batch):
         trainable, frozen = state["trainable"], state["frozen"]
 
         step_key = jax.random.fold_in(jax.random.key(seed), state["step"])
@@ -148,7 +151,7 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
             index, micro = indexed
             drop = Dropout(jax.random.fold_in(step_key, index), rate=dropout) if dropout else None
             (_, (loss, weight, penalty)), grads = loss_and_grad(trainable, frozen, micro, graphdef, plan, drop,
-                                                                unlikelihood)
+                                                                unlikelihood, loss_chunk)
             return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, weight_sum + weight,
                     penalty_sum + penalty), None
 
@@ -170,7 +173,12 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
         return new_state, metrics
 
     def eval_step(state: TrainState, batch: Batch):
-        _, (loss, weight, _) = _loss_sum(evaluated_weights(state), state["frozen"], batch, graphdef, plan)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _eval_step(state, batch)
+
+    def _eval_step(state: TrainState, batch: Batch):
+        _, (loss, weight, _) = _loss_sum(evaluated_weights(state), state["frozen"], batch, graphdef, plan,
+                                         loss_chunk=loss_chunk)
         return loss, weight
 
     return StepFunctions(

@@ -46,6 +46,7 @@ from neo_jax.errors import UserError
 from neo_jax.json_file import read_json_object
 from neo_jax.model import Decoder, ModelConfig
 from neo_jax.model.extend_vocab import extend_vocab
+from neo_jax.model.loss import HistoryPenalty
 from neo_jax.sharding import create_sharded, make_mesh, state_shardings
 from neo_jax.tasks.builders import read_examples
 from neo_jax.tokenizer import LAYOUT_FILE, MixedTokenizer
@@ -84,6 +85,13 @@ class TrainResult:
     best_dir: str | None = None  # the model `eval.select` chose (None without selection)
 
 
+def _run_settings(model_config: ModelConfig, config: TrainConfig) -> ModelConfig:
+    """The model config with how this run computes: its dtype, attention, remat and scan."""
+    return dataclasses.replace(model_config, dtype=config.compute_dtype, attention=config.attention,
+                               attention_chunk=config.attention_chunk, remat=config.remat,
+                               scan_layers=config.scan_layers)
+
+
 def model_source(config: TrainConfig) -> tuple[ModelConfig, VocabLayout]:
     """The shape of the model to train (compute dtype from the train config) and its vocabulary.
 
@@ -93,10 +101,10 @@ def model_source(config: TrainConfig) -> tuple[ModelConfig, VocabLayout]:
     tokenizer_layout = (VocabLayout.load(Path(config.data.tokenizer) / LAYOUT_FILE)
                         if config.data.tokenizer is not None else None)
     if config.init.model_config is not None:
-        model_config = load_config(ModelConfig, config.init.model_config)
+        model_config = _run_settings(load_config(ModelConfig, config.init.model_config), config)
         return dataclasses.replace(model_config, vocab_size=tokenizer_layout.padded_size,
-                                   num_real_tokens=tokenizer_layout.size, dtype=config.compute_dtype), tokenizer_layout
-    model_config = dataclasses.replace(load_model_config(config.init.checkpoint), dtype=config.compute_dtype)
+                                   num_real_tokens=tokenizer_layout.size), tokenizer_layout
+    model_config = _run_settings(load_model_config(config.init.checkpoint), config)
     layout = load_vocab_layout(config.init.checkpoint)
     if layout is None and tokenizer_layout is None:
         raise UserError(f"init.checkpoint: {config.init.checkpoint} has no SID vocabulary yet; set data.tokenizer "
@@ -249,12 +257,13 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
         state = jax.jit(state_layout.init_state, out_shardings=shardings)(
             _initial_params(config, model_config, layout, mesh))
 
-    unlikelihood = (Unlikelihood(config.unlikelihood, layout.code_level_table(), config.unlikelihood_from_level)
+    unlikelihood = (Unlikelihood(config.unlikelihood,
+                                 HistoryPenalty(layout.code_level_table(), config.unlikelihood_from_level))
                     if config.unlikelihood else None)
     plan = state_layout.plan
     steps = make_steps(state_layout.graphdef, plan, state_layout.tx, state_layout.masks,
                        learning_rate_schedule(config.optimizer, config.steps), config.grad_accum_steps, shardings,
-                       mesh, config.dropout, config.seed, unlikelihood, config.optimizer.ema_decay)
+                       mesh, config.dropout, config.seed, unlikelihood, config.optimizer.ema_decay, config.loss_chunk)
     flops_per_token = train_flops_per_token(matmul_params(state_layout.abstract_params), model_config.num_layers,
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
