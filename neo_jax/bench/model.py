@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -85,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers + torch reference")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="also time the LoRA step of this rank (frozen kernels, x@W + s*(x@A)@B) against "
-                             "the full step, with both steps' compiled memory (default 0: no LoRA step)")
+                             "the full step, the two in turns for --steps rounds (the ratio is the median of the "
+                             "rounds'), with both steps' compiled memory (default 0: no LoRA step)")
     parser.add_argument("--lora-targets", default=",".join(LORA_INPUT_AXES),
                         help="comma-separated kernels the adapters adapt (default: all projections)")
     add_mesh_arguments(parser)
@@ -130,6 +132,21 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, label: str) ->
         print(f"bench model: {label}: step {i + 1}/{steps}, {time.perf_counter() - start:.1f}s",
               file=sys.stderr, flush=True)
     return warmup_seconds, (time.perf_counter() - start) / steps
+
+
+def alternate_steps(first: Callable[[], None], second: Callable[[], None], rounds: int
+                    ) -> tuple[list[float], list[float]]:
+    """Seconds of each step of `first` and of `second`, run in turns for `rounds` rounds (warmed up
+    already), so a shared machine's slow spells hit both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(rounds):
+        for step, seconds in zip((first, second), times):
+            start = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - start)
+        print(f"bench model: full / LoRA round {i + 1}/{rounds}: {times[0][-1]:.2f}s / {times[1][-1]:.2f}s",
+              file=sys.stderr, flush=True)
+    return times
 
 
 def random_weights(config: ModelConfig, seed: int) -> Callable[[tuple, tuple[int, ...]], np.ndarray]:
@@ -196,7 +213,8 @@ def our_train_step(config: ModelConfig, mesh: jax.sharding.Mesh, batch: dict[str
                    total_steps: int, allow_replicated: tuple[str, ...], loss_chunk: int = 0,
                    lora: LoraConfig = LoraConfig()) -> tuple[Callable[[], None], dict]:
     """The trainer's instruct step on a random model (all weights, or `lora`'s adapters): a callable
-    that runs one step, and the compiled step's memory figures (`memory_figures`)."""
+    that runs one step, and the compiled step's memory figures (`memory_figures`) with XLA's count
+    of its floating-point operations (`xla_flops`)."""
     parts = random_model_steps(config, mesh, seed, total_steps, allow_replicated, loss_chunk, lora)
     model = load_sharded(parts.abstract_model, random_weights(config, seed), mesh, allow_replicated=allow_replicated)
     state = jax.jit(parts.init_state, out_shardings=parts.shardings)(nnx.to_pure_dict(nnx.state(model)))
@@ -207,7 +225,9 @@ def our_train_step(config: ModelConfig, mesh: jax.sharding.Mesh, batch: dict[str
         nonlocal state
         state, metrics = compiled(state, global_batch)
         jax.block_until_ready((state, metrics))
-    return step, memory_figures(compiled)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # one entry per device program in older JAX
+    return step, {**memory_figures(compiled), "xla_flops": float(cost.get("flops", 0.0))}
 
 
 def usable_cores() -> int:
@@ -290,14 +310,20 @@ def run(args: argparse.Namespace) -> int:
     if args.lora_rank:
         adapters = LoraConfig(rank=args.lora_rank, targets=tuple(t.strip() for t in args.lora_targets.split(",")))
         print(f"bench model: building and compiling the LoRA step (rank {adapters.rank})", file=sys.stderr, flush=True)
-        lora_step, lora_memory = our_train_step(config, mesh, batch, args.seed, total_steps,
+        lora_step, lora_memory = our_train_step(config, mesh, batch, args.seed, 2 * total_steps,
                                                 args.mesh_allow_replicated, lora=adapters)
-        lora_warmup, lora_seconds = time_steps(lora_step, args.warmup, args.steps, "neo_jax LoRA")
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            lora_step()
+        lora_warmup = time.perf_counter() - start
+        full_seconds, lora_seconds = alternate_steps(step, lora_step, args.steps)
         lora = {"rank": adapters.rank, "alpha": adapters.alpha, "targets": list(adapters.targets),
-                "step_seconds": lora_seconds, "warmup_seconds": lora_warmup,
-                "tokens_per_s": args.batch * args.seq_len / lora_seconds, "memory": lora_memory,
-                "step_time_ratio_vs_full": lora_seconds / step_seconds,
-                "peak_memory_ratio_vs_full": lora_memory["peak_bytes"] / memory["peak_bytes"]}
+                "step_seconds": statistics.median(lora_seconds), "warmup_seconds": lora_warmup,
+                "tokens_per_s": args.batch * args.seq_len / statistics.median(lora_seconds), "memory": lora_memory,
+                "full_step_seconds_alternated": statistics.median(full_seconds),
+                "step_time_ratio_vs_full": statistics.median(l / f for l, f in zip(lora_seconds, full_seconds)),
+                "peak_memory_ratio_vs_full": lora_memory["peak_bytes"] / memory["peak_bytes"],
+                "xla_flops_ratio_vs_full": lora_memory["xla_flops"] / memory["xla_flops"]}
     reference = None if args.no_torch else torch_reference(config, batch, args.warmup, args.steps, args.seed)
 
     devices = mesh.devices.flatten()
