@@ -44,6 +44,7 @@ from neo_jax.model import ModelConfig
 from neo_jax.model.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from neo_jax.model.kv_cache import KVCache, SharedPromptCache
 from neo_jax.sharding import batch_sharding, make_mesh, state_shardings
+from neo_jax.train.shard_plan import state_bytes_per_device
 
 DEFAULT_MODELS = "llama-3.2-1b,qwen3-0.6b,smollm2-135m"
 DEFAULT_LAYOUTS = ("fsdp=8", "fsdp=4,tensor=2")
@@ -119,11 +120,6 @@ def _abstract(tree, shardings):
                         tree, shardings)
 
 
-def _bytes_per_device(tree, shardings) -> int:
-    return sum(math.prod(s.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-               for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
-
-
 def train_step_figures(config: ModelConfig, mesh: jax.sharding.Mesh, batch_per_device: int, seq_len: int,
                        loss_chunk: int, seed: int) -> dict:
     parts = random_model_steps(config, mesh, seed, 1000, (), loss_chunk)
@@ -135,8 +131,8 @@ def train_step_figures(config: ModelConfig, mesh: jax.sharding.Mesh, batch_per_d
     figures = _compile(parts.steps.train, _abstract(parts.abstract_state, parts.shardings), batch)
     state, shardings = parts.abstract_state, parts.shardings
     figures.update(global_batch=rows, tokens_per_device=batch_per_device * seq_len,
-                   parameter_bytes=_bytes_per_device(state["trainable"], shardings["trainable"]),
-                   optimizer_bytes=_bytes_per_device(state["opt"], shardings["opt"]))
+                   parameter_bytes=state_bytes_per_device(state["trainable"], shardings["trainable"]),
+                   optimizer_bytes=state_bytes_per_device(state["opt"], shardings["opt"]))
     return figures
 
 
@@ -160,7 +156,7 @@ def decode_step_figures(config: ModelConfig, mesh: jax.sharding.Mesh, requests: 
     jitted = jax.jit(step, out_shardings=(batch_sharding(mesh, 2), cache_shardings), donate_argnums=2)  # in place, as in the loop
     figures = _compile(jitted, _abstract(params, param_shardings), tokens, _abstract(cache, cache_shardings), tokens)
     figures.update(sequences=sequences, prompt_len=prompt_len, new_tokens=new_tokens,
-                   cache_bytes=_bytes_per_device(cache, cache_shardings))
+                   cache_bytes=state_bytes_per_device(cache, cache_shardings))
     return figures
 
 

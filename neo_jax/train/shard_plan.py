@@ -53,7 +53,8 @@ def _spec(sharding: NamedSharding, ndim: int) -> list:
     return [list(entry) if isinstance(entry, tuple) else entry for entry in spec]
 
 
-def _total(tree, shardings) -> int:
+def state_bytes_per_device(tree, shardings) -> int:
+    """Bytes one device holds of every leaf of `tree` (abstract arrays) laid out by `shardings`."""
     return sum(jax.tree.leaves(jax.tree.map(_bytes_per_device, tree, shardings)))
 
 
@@ -71,7 +72,7 @@ def shard_plan(config: TrainConfig, num_devices: int) -> dict:
                    "bytes_per_device": _bytes_per_device(leaf, sharding)}
                   for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(weights),
                                                     jax.tree.leaves(weight_shardings))]
-    by_entry = {name: _total(state[name], shardings[name]) for name in state}
+    by_entry = {name: state_bytes_per_device(state[name], shardings[name]) for name in state}
     totals = {"parameters": by_entry["trainable"] + by_entry["frozen"],
               "optimizer_state": by_entry["opt"] + by_entry.get("ema", 0) + by_entry["step"],
               "gradients": by_entry["trainable"]}
