@@ -91,6 +91,10 @@ class LowRankKernel:
     scale: float = struct.field(pytree_node=False)  # alpha / rank
     input_axes: int = struct.field(pytree_node=False)
 
+    def merged(self) -> jax.Array:
+        """`kernel + scale * a @ b` in the kernel's shape: the adapted kernel as one array."""
+        return self.kernel + self.scale * (self.a @ self.b).reshape(self.kernel.shape)
+
 
 def project(x: jax.Array, kernel: nnx.Param, equation: str) -> jax.Array:
     """`einsum(equation, x, kernel)` in `x`'s dtype; a `LowRankKernel` adds its adapter's product."""

@@ -88,11 +88,11 @@ def completion_loss_sums(hidden: jax.Array, logits_of: Callable[[jax.Array], jax
         logits = logits_of(hidden_rows)  # [batch, rows, vocab]
         row_targets = jax.lax.dynamic_slice_in_dim(targets, start, rows, axis=1)
         row_weights = jax.lax.dynamic_slice_in_dim(weights, start, rows, axis=1)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), row_targets)
+        mean, total = masked_cross_entropy(logits, row_targets, row_weights)
         repeats = (jnp.zeros((), jnp.float32) if penalty is None else
                    history_unlikelihood(logits, targets, weights, segment_ids, penalty.code_levels,
                                         penalty.from_level, start))
-        return jnp.sum(nll * row_weights), repeats
+        return mean * total, repeats
 
     if not 0 < chunk < length:
         loss, repeats = sums(hidden, 0)

@@ -100,13 +100,10 @@ class StagePlan:
 
     def params(self, trainable: Params, frozen: Params) -> Params:
         """The full parameters of the trained model (what is saved and evaluated by the hooks):
-        trainable and frozen, adapters merged in."""
-        scale = self.lora.alpha / max(self.lora.rank, 1)
-        merged = traverse_util.flatten_dict(frozen)
-        adapters = traverse_util.flatten_dict(trainable["lora"], is_leaf=lambda _, node: set(node) == {"a", "b"})
-        for path, adapter in adapters.items():
-            merged[path] = merged[path] + scale * adapter_delta(adapter, merged[path].shape)
-        return combine(trainable["model"], traverse_util.unflatten_dict(merged))
+        `adapted_params` with each adapter merged into its kernel."""
+        return jax.tree.map(lambda value: value.merged() if isinstance(value, LowRankKernel) else value,
+                            self.adapted_params(trainable, frozen),
+                            is_leaf=lambda value: isinstance(value, LowRankKernel))
 
     def adapted_params(self, trainable: Params, frozen: Params) -> Params:
         """The parameters the train and eval steps run with: like `params`, but each adapted kernel
@@ -141,11 +138,6 @@ def init_adapter(shape: tuple[int, ...], input_axes: int, rank: int, key: jax.Ar
     fan_in, fan_out = math.prod(shape[:input_axes]), math.prod(shape[input_axes:])
     a = jax.random.normal(key, (fan_in, rank), jnp.float32) / np.sqrt(fan_in)
     return {"a": a, "b": jnp.zeros((rank, fan_out), jnp.float32)}
-
-
-def adapter_delta(adapter: dict[str, jax.Array], shape: tuple[int, ...]) -> jax.Array:
-    """`A @ B` reshaped to the kernel's shape."""
-    return (adapter["a"] @ adapter["b"]).reshape(shape)
 
 
 def mask_updates(masks: Params) -> optax.GradientTransformation:
