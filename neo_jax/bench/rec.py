@@ -59,6 +59,9 @@ class RecBenchConfig:
     sids: SidConfig = SidConfig(codebook_sizes=(256, 256, 256), quantiser=QuantiserConfig(method="residual_kmeans"))
     window: int = 20  # history items per training window (and the prompt holds window - 1)
     window_sampling: str = "tile"  # or random (`neo-jax data tasks --window-sampling`)
+    # Each window also carries one of its items as an avoided span, penalised at the unlikelihood
+    # weight (`neo-jax data tasks --avoid-repeats`).
+    avoid_repeats: bool = False
     text_vocab_size: int = 512  # at most this many sentencepiece pieces (the header text needs ~350)
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields replacing DEFAULT_MODEL's
     # A pre-trained backbone (a `neo-jax import-hf` output, its tokenizer/ inside) instead of random
@@ -195,6 +198,9 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     unknown = [b for b in config.baselines if b not in BASELINES]
     if unknown:
         raise UserError(f"unknown baseline(s) {unknown}; baselines are {list(BASELINES)}")
+    if config.avoid_repeats and not config.unlikelihood > 0:
+        raise UserError("avoid_repeats penalises its spans at the unlikelihood weight: set unlikelihood > 0 "
+                        f"(got {config.unlikelihood})")
     if config.beams < max(config.ks):
         raise UserError(f"beams ({config.beams}) must be at least the largest K ({max(config.ks)})")
     backbone = _checked_backbone(config.backbone)
@@ -210,7 +216,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     clock.run("tasks", cli_step, PREFIX, "tasks", root / "tasks",
               ["data", "tasks", str(data_dir), str(root / "sids" / "sids.tsv"), str(root / "tasks"),
                "--tasks", "recommend", "--window", str(config.window), "--window-sampling",
-               config.window_sampling, "--seed", str(config.seed)])
+               config.window_sampling, "--seed", str(config.seed),
+               *(["--avoid-repeats"] if config.avoid_repeats else [])])
     text_source = (["--train", str(root / "tasks"), "--vocab-size", str(config.text_vocab_size)] if backbone is None
                    else ["--text", str(backbone / "tokenizer"), "--model", str(backbone)])
     clock.run("tokenizer", cli_step, PREFIX, "tokenizer", root / "tokenizer",

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tasks.add_argument("--window-sampling", choices=WINDOW_SAMPLING, default="tile",
                        help="tile: windows cut each history from its newest end, every item a target once; "
                             "random: as many windows at seeded random end points (default: tile)")
+    tasks.add_argument("--avoid-repeats", action="store_true",
+                       help="each window example also carries one of its own items after its last one, whose "
+                            "SID codes training makes unlikely there (at `neo-jax train`'s unlikelihood weight)")
     tasks.add_argument("--max-search-targets", type=int, default=5, help="examples per search query")
     tasks.add_argument("--explain-fraction", type=float, default=0.2,
                        help="share of training sequences also written as explanations")
@@ -138,7 +141,8 @@ def _tasks(args: argparse.Namespace) -> dict:
     and the held-out search queries as queries_test.jsonl."""
     config = TaskConfig(tasks=tuple(t for t in args.tasks.split(",") if t), max_history=args.max_history,
                         max_search_targets=args.max_search_targets, explain_fraction=args.explain_fraction,
-                        window=args.window, window_sampling=args.window_sampling, seed=args.seed)
+                        window=args.window, window_sampling=args.window_sampling,
+                        avoid_repeats=args.avoid_repeats, seed=args.seed)
     dataset = load_dataset(args.data_dir)
     sid_map = load_sid_map(args.sids, dataset.catalog)
     split = leave_one_out(dataset.interactions.sequences())

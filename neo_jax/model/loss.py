@@ -1,4 +1,7 @@
-"""Masked next-token cross-entropy, the training objective of every stage, and the history unlikelihood term."""
+"""Masked next-token cross-entropy, the training objective of every stage, and the unlikelihood terms
+against repeats: the history term (codes naming an earlier item of the sequence, where the target
+shares their prefix) and the avoided-span term (the codes of an item written after a window as an
+avoided continuation, `neo_jax.tasks.builders.TaskConfig.avoid_repeats`)."""
 
 from __future__ import annotations
 
@@ -25,8 +28,14 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Arr
     return jnp.sum(nll * weights) / jnp.maximum(total, 1.0), total
 
 
+def _unlikely(log_probs: jax.Array) -> jax.Array:
+    """`-log(1 - p)` of log-probabilities, clipped where p is near 1."""
+    return -jnp.log(jnp.clip(-jnp.expm1(log_probs), 1e-6, None))
+
+
 def history_unlikelihood(logits: jax.Array, targets: jax.Array, weights: jax.Array, segment_ids: jax.Array,
-                         code_levels: np.ndarray, from_level: int, start: jax.Array | int = 0) -> jax.Array:
+                         code_levels: np.ndarray, from_level: int, start: jax.Array | int = 0,
+                         log_normaliser: jax.Array | None = None) -> jax.Array:
     """Sum of `-log(1 - p(token))` over the SID codes that would name an item already in the sequence.
 
     Unlikelihood training (Welleck et al., 2019) against repeats, at the level of items: where
@@ -36,7 +45,8 @@ def history_unlikelihood(logits: jax.Array, targets: jax.Array, weights: jax.Arr
     penalised code names exactly the earlier item; coarser levels would push away whole subtrees
     of similar items. `code_levels` `[vocab]` (a host array) is each token's SID level (-1: not a SID code);
     `targets`, `weights`, `segment_ids` `[batch, len]`; `logits` `[batch, chunk, vocab]` are those of
-    positions `start .. start + chunk - 1` (all of them by default); positions with weight 0 are not
+    positions `start .. start + chunk - 1` (all of them by default), `log_normaliser` `[batch,
+    chunk]` their logsumexp where the caller has it; positions whose weight is not positive are not
     penalised. The caller shifts, as for `masked_cross_entropy`.
     """
     length, chunk = targets.shape[1], logits.shape[1]
@@ -54,10 +64,30 @@ def history_unlikelihood(logits: jax.Array, targets: jax.Array, weights: jax.Arr
     logits = logits.astype(jnp.float32)
     candidates = jnp.broadcast_to(targets[:, None, :], pairs.shape)  # [batch, chunk, len] token ids
     candidate_logits = jnp.take_along_axis(logits, candidates, axis=2)  # [batch, chunk, len]
-    log_normaliser = jax.nn.logsumexp(logits, axis=-1)  # [batch, chunk]
+    if log_normaliser is None:
+        log_normaliser = jax.nn.logsumexp(logits, axis=-1)  # [batch, chunk]
     candidate_log_probs = candidate_logits - log_normaliser[:, :, None]  # [batch, chunk, len]
-    penalty = -jnp.log(jnp.clip(-jnp.expm1(candidate_log_probs), 1e-6, None))  # -log(1 - p)
-    return jnp.sum(jnp.where(pairs, penalty, 0.0))
+    return jnp.sum(jnp.where(pairs, _unlikely(candidate_log_probs), 0.0))
+
+
+def avoided_unlikelihood(logits: jax.Array, targets: jax.Array, avoided: jax.Array, code_levels: np.ndarray,
+                         from_level: int, log_normaliser: jax.Array | None = None) -> jax.Array:
+    """Sum of `-log(1 - p(target))` where `avoided` > 0 and the target is a SID code at level >= `from_level`.
+
+    An avoided span is an item the sequence already holds, written after its last item (the loss
+    mask marks its targets -1, `neo_jax.tasks.pipeline`): a beam search that takes such an item's
+    first code reaches exactly that state, which the next-item targets never visit when they do
+    not share the code. `logits` `[batch, len, vocab]`, `targets` and `avoided` `[batch, len]`,
+    `log_normaliser` `[batch, len]` (the logits' logsumexp, computed here when not given),
+    `code_levels` as for `history_unlikelihood`.
+    """
+    level = jnp.asarray(code_levels, jnp.int32)[targets]  # [batch, len]
+    penalised = (avoided > 0) & (level >= from_level)  # [batch, len]
+    logits = logits.astype(jnp.float32)
+    if log_normaliser is None:
+        log_normaliser = jax.nn.logsumexp(logits, axis=-1)  # [batch, len]
+    log_probs = jnp.take_along_axis(logits, targets[:, :, None], axis=2)[:, :, 0] - log_normaliser  # [batch, len]
+    return jnp.sum(jnp.where(penalised, _unlikely(log_probs), 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,24 +112,28 @@ def completion_loss_sums(hidden: jax.Array, logits_of: Callable[[jax.Array], jax
     """
     batch, length = targets.shape
     weights = weights.astype(jnp.float32)
+    learned, avoided = jnp.maximum(weights, 0.0), jnp.maximum(-weights, 0.0)  # [batch, len]
 
     def sums(hidden_rows, start):  # the positions start .. start + rows - 1
         rows = hidden_rows.shape[1]
         logits = logits_of(hidden_rows)  # [batch, rows, vocab]
-        row_targets = jax.lax.dynamic_slice_in_dim(targets, start, rows, axis=1)
-        row_weights = jax.lax.dynamic_slice_in_dim(weights, start, rows, axis=1)
-        mean, total = masked_cross_entropy(logits, row_targets, row_weights)
-        repeats = (jnp.zeros((), jnp.float32) if penalty is None else
-                   history_unlikelihood(logits, targets, weights, segment_ids, penalty.code_levels,
-                                        penalty.from_level, start))
+        row = lambda x: jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1)
+        mean, total = masked_cross_entropy(logits, row(targets), row(learned))
+        if penalty is None:
+            return mean * total, jnp.zeros((), jnp.float32)
+        log_normaliser = jax.nn.logsumexp(logits, axis=-1)  # [batch, rows]
+        repeats = (history_unlikelihood(logits, targets, learned, segment_ids, penalty.code_levels,
+                                        penalty.from_level, start, log_normaliser)
+                   + avoided_unlikelihood(logits, row(targets), row(avoided), penalty.code_levels,
+                                          penalty.from_level, log_normaliser))
         return mean * total, repeats
 
     if not 0 < chunk < length:
         loss, repeats = sums(hidden, 0)
-        return loss, jnp.sum(weights), repeats
+        return loss, jnp.sum(learned), repeats
     padded = -(-length // chunk) * chunk
     pad = ((0, 0), (0, padded - length))
-    targets, weights, segment_ids = (jnp.pad(targets, pad), jnp.pad(weights, pad), jnp.pad(segment_ids, pad))
+    targets, learned, avoided, segment_ids = (jnp.pad(x, pad) for x in (targets, learned, avoided, segment_ids))
     hidden = jnp.pad(hidden, pad + ((0, 0),))
     chunks = hidden.reshape(batch, padded // chunk, chunk, hidden.shape[-1]).swapaxes(0, 1)  # [n, batch, chunk, embed]
     chunk_sums = jax.checkpoint(sums)
@@ -110,4 +144,4 @@ def completion_loss_sums(hidden: jax.Array, logits_of: Callable[[jax.Array], jax
         return (total[0] + loss, total[1] + repeats), None
     zero = jnp.zeros((), jnp.float32)
     (loss, repeats), _ = jax.lax.scan(step, (zero, zero), (jnp.arange(padded // chunk), chunks))
-    return loss, jnp.sum(weights), repeats
+    return loss, jnp.sum(learned), repeats

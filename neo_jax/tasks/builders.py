@@ -20,6 +20,12 @@ cross-entropy; a history of n items costs O(n) tokens, not O(n^2)). A history lo
 window is cut into windows from its newest end backwards (`window_spans`), so every training
 item is a target once an epoch. Evaluation examples then use the same layout: the header, the
 newest `window - 1` history items, and the target's SID as the completion.
+
+With `TaskConfig.avoid_repeats`, each window example also carries an avoided span: the SID of one
+of its own items (seeded uniform pick), written after its last item. Training penalises that
+item's codes there (from the unlikelihood's first level, at its weight: `neo_jax.model.loss`),
+which is the state a beam search reaches after taking a history item's first code: the history
+unlikelihood alone never visits it when the next item does not share that code.
 """
 
 from __future__ import annotations
@@ -132,11 +138,13 @@ class TaskExample:
     prompt: str  # begins with the header line
     completion: str
     history: tuple[str, ...] = ()  # evaluation examples: the user's whole history (item ids, oldest first)
+    avoid: str = ""  # training windows: a history item's SID, written after the completion, to be made unlikely
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
-        if not self.history:
-            del record["history"]
+        for optional in ("history", "avoid"):
+            if not record[optional]:
+                del record[optional]
         return record
 
 
@@ -147,7 +155,7 @@ def write_examples(path: str | Path, examples: Iterable[TaskExample]) -> None:
 
 
 def read_examples(path: str | Path) -> list[TaskExample]:
-    fields = [f.name for f in dataclasses.fields(TaskExample) if f.name != "history"]
+    fields = [f.name for f in dataclasses.fields(TaskExample) if f.name not in ("history", "avoid")]
     examples = []
     for line_number, record in read_records(path):
         missing = [f for f in fields if not isinstance(record.get(f), str)]
@@ -156,7 +164,10 @@ def read_examples(path: str | Path) -> list[TaskExample]:
         history = record.get("history", [])
         if not isinstance(history, list) or not all(isinstance(item, str) for item in history):
             raise UserError(f"{path}:{line_number}: 'history' must be a list of item ids")
-        examples.append(TaskExample(**{f: record[f] for f in fields}, history=tuple(history)))
+        avoid = record.get("avoid", "")
+        if not isinstance(avoid, str):
+            raise UserError(f"{path}:{line_number}: 'avoid' must be a string (an item's SID)")
+        examples.append(TaskExample(**{f: record[f] for f in fields}, history=tuple(history), avoid=avoid))
     return examples
 
 
@@ -207,6 +218,7 @@ class TaskConfig:
     explain_fraction: float = 0.2  # share of training sequence examples also written as explanations
     window: int = 0  # > 0: next-item examples are windows of this many items (0: one prompt per prefix)
     window_sampling: str = "tile"  # tile: windows cover each history; random: as many, at random end points
+    avoid_repeats: bool = False  # each window also carries one of its items as an avoided span
     seed: int = 0
 
     def __post_init__(self):
@@ -219,6 +231,8 @@ class TaskConfig:
             raise UserError(f"window must be 0 (one prompt per prefix) or at least 2 items, got {self.window}")
         if self.window_sampling not in WINDOW_SAMPLING:
             raise UserError(f"unknown window sampling {self.window_sampling!r}; choose one of {list(WINDOW_SAMPLING)}")
+        if self.avoid_repeats and not self.window:
+            raise UserError("avoid_repeats needs window examples (window >= 2): the avoided span follows a window")
 
 
 def render_prompt(task: str, entity_type: str, output_format: str, template: int, **fields: str) -> str:
@@ -285,11 +299,13 @@ class TaskBuilder:
 
     def window(self, rows: np.ndarray) -> TaskExample:
         """A window example: the header alone, then every item of `rows` as SIDs; the header names
-        the items' type when they share one, else `any`."""
+        the items' type when they share one, else `any`. With `avoid_repeats`, one of `rows`
+        (a seeded uniform pick) is the avoided span."""
         types = {self.catalog.type_name(int(r)) for r in rows.tolist()}
         header = PromptHeader("recommend", types.pop() if len(types) == 1 else ANY_TYPE, "ids")
+        avoid = self._sids[int(rows[self.rng.integers(len(rows))])] if self.config.avoid_repeats else ""
         return TaskExample("recommend", header.entity_type, "ids", header.render(),
-                           "".join(self._sids[int(r)] for r in rows.tolist()))
+                           "".join(self._sids[int(r)] for r in rows.tolist()), avoid=avoid)
 
     def window_eval(self, history: np.ndarray, target: int) -> TaskExample:
         """An evaluation example in the window layout: the header naming the asked type (the
