@@ -104,6 +104,8 @@ def test_a_pretrained_backbone_is_grounded_then_tuned(tmp_path, tiny_hf_model):
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(UserError, match="beams"):
         run_bench(load_config(RecBenchConfig, None, [f"out={tmp_path}", "beams=5", "ks=[10]"]), tmp_path)
+    with pytest.raises(UserError, match="avoid_repeats penalises its spans at the unlikelihood weight"):
+        run_bench(load_config(RecBenchConfig, None, [f"out={tmp_path}", "avoid_repeats=true"]), tmp_path)
     with pytest.raises(UserError, match="unknown baseline"):
         run_bench(load_config(RecBenchConfig, None, [f"out={tmp_path}", "baselines=[bpr]"]), tmp_path)
     with pytest.raises(UserError, match=r"backbone .*nope: no model_config.json, params, tokenizer; import"):

@@ -245,3 +245,25 @@ def test_window_example_loss_covers_every_item_span_and_no_header(tmp_path):
     # every target before the first item is header (or bos) and carries no loss
     unmasked = (batch["loss_mask"][0] == 0) & (batch["segment_ids"][0] == 1)
     assert unmasked.sum() == len(ByteTokenizer().encode(header))
+
+
+def test_an_avoided_span_follows_the_completion_with_a_negative_loss_mask(tmp_path):
+    from neo_jax.tasks.builders import TaskBuilder, TaskConfig
+    from neo_jax.data.schema import Catalog
+    from neo_jax.vocab import format_sid
+
+    catalog = Catalog(["a", "b", "c"], ("product",), np.zeros(3, np.int32), {"title": ["x", "y", "z"]})
+    sid_map = {r: ("product", (r, 2 - r)) for r in range(3)}
+    builder = TaskBuilder(catalog, sid_map, TaskConfig(window=3, avoid_repeats=True), np.random.default_rng(0))
+    example = builder.window(np.array([2, 0, 1]))
+    write_records([example], tmp_path, "train", ByteTokenizer(), bos_id=BOS, eos_id=EOS)
+    config = PipelineConfig(seq_len=256, batch_size=1, num_epochs=1, shuffle=False)
+    (batch,) = one_epoch(record_paths(tmp_path, "train"), config)
+    mask, targets = batch["loss_mask"][0], batch["targets"][0]
+    learned, avoided = targets[mask == 1], targets[mask == -1]
+    assert ByteTokenizer().decode(learned) == "".join(format_sid(*sid_map[r]) for r in (2, 0, 1))
+    assert example.avoid in {format_sid(*sid_map[r]) for r in (2, 0, 1)}
+    assert ByteTokenizer().decode(avoided[:-1]) == example.avoid and avoided[-1] == EOS
+    # the learned targets come first, then the avoided span, each one run of positions
+    first_avoided = int(np.flatnonzero(mask == -1)[0])
+    assert (mask[:first_avoided] >= 0).all() and (mask[first_avoided:first_avoided + avoided.size] == -1).all()

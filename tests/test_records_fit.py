@@ -203,3 +203,17 @@ def test_records_command_fits_examples_with_the_mixed_tokenizer(tmp_path):
         assert builder.sid(n - 1) in prompt  # the newest item stays
         if record.prompt.size + record.completion.size < len(tokenizer.encode(example.prompt + example.completion)):
             assert builder.sid(0) not in prompt  # the oldest went first
+
+
+def test_an_avoided_span_is_kept_whole_after_the_completion_with_the_eos():
+    tokenizer = SidByteTokenizer()
+    builder = make_builder()
+    example = TaskExample("recommend", "product", "ids", "task: recommend | type: product | format: ids\n"
+                          + "".join(builder.sid(r) for r in HISTORY), builder.sid(TARGET), avoid=builder.sid(3))
+    record, fit = fit_example(example, tokenizer, BOS, EOS, max_length=60)
+    assert tokenizer.decode(record.completion) == builder.sid(TARGET)  # no eos: it ends the avoided span
+    assert tokenizer.decode(record.avoid[:-1]) == builder.sid(3) and record.avoid[-1] == EOS
+    assert record.length <= 60 and fit.history_items_dropped > 0
+    assert TokenizedExample.from_bytes(record.to_bytes()).avoid.tolist() == record.avoid.tolist()
+    with pytest.raises(UserError, match="cannot fit"):
+        fit_example(example, tokenizer, BOS, EOS, max_length=record.length - record.prompt.size + 5)

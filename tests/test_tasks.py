@@ -332,3 +332,27 @@ def test_profiles_use_no_negative_feedback_from_after_the_split_point():
     assert profiles[3] == ("This user is interested in garden tools. "
                            "They dislike between dislike, early dislike, tied early dislike.")
     assert profiles[2] == "This user is interested in garden tools. They dislike short dislike."
+
+
+def test_avoided_spans_name_an_item_of_their_own_window(dataset, tmp_path):
+    split = leave_one_out(dataset.interactions.sequences())
+    sid_map = toy_sid_map(dataset.catalog)
+    config = TaskConfig(tasks=("recommend",), window=4, avoid_repeats=True)
+    examples = build_train_examples(dataset, split, sid_map, config)
+    plain = build_train_examples(dataset, split, sid_map, TaskConfig(tasks=("recommend",), window=4))
+    assert sorted(e.completion for e in examples) == sorted(e.completion for e in plain)  # the same windows
+    picked = collections.Counter()
+    for example in examples:
+        spans = re.findall(r"\[SID\].*?\[/SID\]", example.completion)
+        assert example.avoid in spans  # one of the window's own items, whole
+        picked[spans.index(example.avoid)] += 1
+    assert len(picked) == 4  # the pick is spread over the window, not always its newest item
+    assert examples == build_train_examples(dataset, split, sid_map, config)  # seeded
+    write_examples(tmp_path / "train.jsonl", examples[:5])
+    assert read_examples(tmp_path / "train.jsonl") == examples[:5]
+    assert all(not e.avoid for e in plain) and "avoid" not in plain[0].to_dict()
+
+
+def test_avoided_spans_need_windows():
+    with pytest.raises(UserError, match="avoid_repeats needs window"):
+        TaskConfig(avoid_repeats=True)

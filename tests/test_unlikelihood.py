@@ -72,3 +72,38 @@ def test_a_training_run_with_unlikelihood_logs_it(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     penalties = [m["unlikelihood"] for m in logged if "unlikelihood" in m]
     assert len(penalties) == 3 and all(np.isfinite(p) and p >= 0 for p in penalties) and result.final_dir
+
+
+def test_avoided_spans_penalise_their_codes_from_the_level_on():
+    from neo_jax.model.loss import avoided_unlikelihood
+
+    rng = np.random.default_rng(1)
+    targets = np.array([sid(A) + sid(B)], np.int32)  # [1, 10]: B is the avoided span
+    avoided = np.array([[0] * 5 + [1] * 5], np.float32)
+    logits = rng.normal(size=(1, 10, 16)).astype(np.float32)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    for from_level, positions in [(0, (6, 7, 8)), (1, (7, 8)), (2, (8,))]:  # B's codes sit at 6, 7, 8
+        got = avoided_unlikelihood(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(avoided), CODE_LEVELS,
+                                   from_level)
+        assert float(got) == pytest.approx(sum(penalty(log_probs, i, targets[0, i]) for i in positions), rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_a_negative_loss_mask_is_penalised_not_learned(chunk):
+    from neo_jax.model.loss import HistoryPenalty, avoided_unlikelihood, completion_loss_sums, masked_cross_entropy
+
+    rng = np.random.default_rng(2)
+    targets = jnp.asarray(TARGETS[:, :15])  # A B C, one segment
+    segments = jnp.ones_like(targets)
+    mask = np.ones(targets.shape, np.float32)
+    mask[0, 10:] = -1.0  # C is the avoided span
+    hidden = jnp.asarray(rng.normal(size=(1, 15, 16)).astype(np.float32))
+    logits_of = lambda h: h * 2.0  # the "head": hidden states as logits
+    loss, weight, repeats = completion_loss_sums(hidden, logits_of, targets, jnp.asarray(mask), segments, chunk,
+                                                 HistoryPenalty(CODE_LEVELS, 1))
+    learned = np.where(mask > 0, mask, 0.0)
+    mean, total = masked_cross_entropy(logits_of(hidden), targets, jnp.asarray(learned))
+    assert float(weight) == 10.0 and float(loss) == pytest.approx(float(mean * total), rel=1e-5)
+    expected = (history_unlikelihood(logits_of(hidden), targets, jnp.asarray(learned), segments, CODE_LEVELS, 1)
+                + avoided_unlikelihood(logits_of(hidden), targets, jnp.asarray(np.maximum(-mask, 0)), CODE_LEVELS, 1))
+    assert float(repeats) == pytest.approx(float(expected), rel=1e-5) and float(repeats) > 0
