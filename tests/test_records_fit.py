@@ -211,9 +211,10 @@ def test_an_avoided_span_is_kept_whole_after_the_completion_with_the_eos():
     example = TaskExample("recommend", "product", "ids", "task: recommend | type: product | format: ids\n"
                           + "".join(builder.sid(r) for r in HISTORY), builder.sid(TARGET), avoid=builder.sid(3))
     record, fit = fit_example(example, tokenizer, BOS, EOS, max_length=60)
-    assert tokenizer.decode(record.completion) == builder.sid(TARGET)  # no eos: it ends the avoided span
-    assert tokenizer.decode(record.avoid[:-1]) == builder.sid(3) and record.avoid[-1] == EOS
+    assert tokenizer.decode(record.completion) == builder.sid(TARGET)  # no eos: it ends the example
+    assert tokenizer.decode(record.avoid) == builder.sid(3) and record.end.tolist() == [EOS]
     assert record.length <= 60 and fit.history_items_dropped > 0
-    assert TokenizedExample.from_bytes(record.to_bytes()).avoid.tolist() == record.avoid.tolist()
+    again = TokenizedExample.from_bytes(record.to_bytes())
+    assert (again.avoid.tolist(), again.end.tolist()) == (record.avoid.tolist(), record.end.tolist())
     with pytest.raises(UserError, match="cannot fit"):
         fit_example(example, tokenizer, BOS, EOS, max_length=record.length - record.prompt.size + 5)

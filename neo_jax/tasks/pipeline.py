@@ -9,8 +9,9 @@ in the given proportions (`grain.MapDataset.mix`); tasks without a weight are le
 Each batch is a dict of numpy arrays, all `[batch_size, seq_len]`:
 - `tokens` int32: input ids;
 - `targets` int32: the id to predict at each position (the next token);
-- `loss_mask` float32: 1.0 where the target is a completion token (learned), -1.0 where it is a
-  token of an avoided span (`TokenizedExample.avoid`: made unlikely, `neo_jax.model.loss`), else 0.0;
+- `loss_mask` float32: 1.0 where the target is a completion or end token (learned), -1.0 where
+  it is a token of an avoided span (`TokenizedExample.avoid`: made unlikely, `neo_jax.model.loss`),
+  else 0.0;
 - `segment_ids` int32: 1, 2, ... for the examples packed into the row, 0 for padding
   (attention must not cross segments);
 - `positions` int32: position within the example (restarts at 0 for each segment).
@@ -100,11 +101,10 @@ def _task_mix(records: grain.MapDataset, config: PipelineConfig, where: str) -> 
 def next_token_features(record: bytes, seq_len: int) -> dict[str, np.ndarray]:
     """One serialized example as unpacked features of length <= seq_len."""
     example = TokenizedExample.from_bytes(record)
-    sequence = np.concatenate([example.prompt, example.completion, example.avoid])[: seq_len + 1]  # [len + 1]
-    target_index = np.arange(1, sequence.size)  # [len] where each target lies in the example
-    avoided_from = example.prompt.size + example.completion.size
-    loss_mask = (target_index >= example.prompt.size).astype(np.int32) - 2 * (target_index >= avoided_from)
-    return {"tokens": sequence[:-1], "targets": sequence[1:], "loss_mask": loss_mask}
+    parts = (example.prompt, example.completion, example.avoid, example.end)
+    sequence = np.concatenate(parts)[: seq_len + 1]  # [len + 1]
+    part_mask = np.repeat(np.array([0, 1, -1, 1], np.int32), [p.size for p in parts])  # prompt, learned, avoided, end
+    return {"tokens": sequence[:-1], "targets": sequence[1:], "loss_mask": part_mask[1:sequence.size]}
 
 
 def _batch_layout(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -2,9 +2,11 @@
 
 One record is one example, a UTF-8 JSON object: `task`, `entity_type`, `output_format`
 (the prompt schema fields, for per-task metrics) and the token ids of `prompt` and
-`completion` kept apart, so that the loss can be restricted to the completion, and, for an
-example with an avoided span (`TaskExample.avoid`), its tokens as `avoid`: they follow the
-completion, and its eos comes after them. The prompt, completion and avoided span are encoded separately, as the decoder sees them (it encodes the prompt
+`completion` kept apart, so that the loss can be restricted to the completion. An example with
+an avoided span (`TaskExample.avoid`) also has `avoid`, its tokens, and `end`, the eos: the
+sequence is prompt, completion, avoided span, end; the completion and the end are learned, the
+avoided span penalised (`neo_jax.tasks.pipeline`), so the span sits right after the completion's
+last item and the example still learns its eos. The prompt, completion and avoided span are encoded separately, as the decoder sees them (it encodes the prompt
 alone and generates the rest). Shards of a split are named
 `{split}-{index:05d}-of-{count:05d}.array_record`; examples go to shards round-robin.
 
@@ -55,12 +57,13 @@ class TokenizedExample:
     prompt: np.ndarray  # [prompt_len] int32
     completion: np.ndarray  # [completion_len] int32
     avoid: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # [avoid_len] int32
+    end: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # [end_len] int32, after avoid
 
     def to_bytes(self) -> bytes:
         record = {"task": self.task, "entity_type": self.entity_type, "output_format": self.output_format,
                   "prompt": self.prompt.tolist(), "completion": self.completion.tolist()}
         if self.avoid.size:
-            record["avoid"] = self.avoid.tolist()
+            record.update(avoid=self.avoid.tolist(), end=self.end.tolist())
         return json.dumps(record).encode("utf-8")
 
     @classmethod
@@ -68,11 +71,11 @@ class TokenizedExample:
         record = json.loads(data)
         return cls(record["task"], record["entity_type"], record["output_format"],
                    np.asarray(record["prompt"], np.int32), np.asarray(record["completion"], np.int32),
-                   np.asarray(record.get("avoid", []), np.int32))
+                   *(np.asarray(record.get(part, []), np.int32) for part in ("avoid", "end")))
 
     @property
     def length(self) -> int:
-        return self.prompt.size + self.completion.size + self.avoid.size
+        return self.prompt.size + self.completion.size + self.avoid.size + self.end.size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,27 +104,28 @@ def _drop_oldest(body: str, starts: list[int], count: int) -> str:
 def fit_example(example: TaskExample, tokenizer: Encoder, bos_id: int | None = None, eos_id: int | None = None,
                 max_length: int = 0, index: int | None = None) -> tuple[TokenizedExample, Fit]:
     """`[bos] + encode(prompt)` and `encode(completion) + [eos]` (bos and eos only when given;
-    with an avoided span, `encode(completion)` and `encode(avoid) + [eos]`), with the prompt
-    shortened to fit `max_length` tokens in all (0: no limit) as the module docstring describes;
-    `index` names the example in errors."""
+    with an avoided span, `encode(completion)`, `encode(avoid)` and the end `[eos]`), with the
+    prompt shortened to fit `max_length` tokens in all (0: no limit) as the module docstring
+    describes; `index` names the example in errors."""
     bos = [bos_id] if bos_id is not None else []
     eos = [eos_id] if eos_id is not None else []
     where = f"example {index} ({example.task})" if index is not None else f"a {example.task} example"
     completion = list(tokenizer.encode(example.completion)) + ([] if example.avoid else eos)
-    avoid = list(tokenizer.encode(example.avoid)) + eos if example.avoid else []
+    avoid, end = (list(tokenizer.encode(example.avoid)), eos) if example.avoid else ([], [])
+    tail = avoid + end  # tokens after the completion
     if not completion:
         raise UserError(f"{where} has an empty completion: {example.prompt[:80]!r}")
     prompt = bos + list(tokenizer.encode(example.prompt))
-    budget = max_length - len(completion) - len(avoid)  # tokens the prompt may have
+    budget = max_length - len(completion) - len(tail)  # tokens the prompt may have
     fit = Fit()
     if max_length <= 0 or len(prompt) <= budget:
-        return _tokenized(example, prompt, completion, avoid), fit
+        return _tokenized(example, prompt, completion, avoid, end), fit
 
     header, body = _split_header(example.prompt)
     header_ids = bos + list(tokenizer.encode(header))
-    if len(header_ids) + len(completion) + len(avoid) > max_length:
+    if len(header_ids) + len(completion) + len(tail) > max_length:
         raise UserError(f"{where} cannot fit max_length {max_length}: its completion alone is "
-                        f"{len(completion) + len(avoid)} "
+                        f"{len(completion) + len(tail)} "
                         f"tokens and the prompt's header {len(header_ids)} (bos included); no cut of the prompt "
                         f"fits it (the completion is never cut). Raise --max-length (and the training seq_len) "
                         f"or write shorter completions (e.g. a smaller --window). Prompt: {example.prompt[:80]!r}")
@@ -144,18 +148,18 @@ def fit_example(example: TaskExample, tokenizer: Encoder, bos_id: int | None = N
         fit = Fit(history_items_dropped=high)
         prompt = encoded(high)
         if len(prompt) <= budget:
-            return _tokenized(example, prompt, completion, avoid), fit
+            return _tokenized(example, prompt, completion, avoid, end), fit
         body = _drop_oldest(body, starts, high)
     rest = list(tokenizer.encode(body))
     keep = budget - len(header_ids)  # >= 0, checked above
     prompt = header_ids + rest[max(len(rest) - keep, 0):]
-    return _tokenized(example, prompt, completion, avoid), dataclasses.replace(fit, prompt_cut=keep < len(rest))
+    return _tokenized(example, prompt, completion, avoid, end), dataclasses.replace(fit, prompt_cut=keep < len(rest))
 
 
-def _tokenized(example: TaskExample, prompt: list[int], completion: list[int], avoid: list[int]) -> TokenizedExample:
+def _tokenized(example: TaskExample, prompt: list[int], completion: list[int], avoid: list[int],
+               end: list[int]) -> TokenizedExample:
     return TokenizedExample(example.task, example.entity_type, example.output_format,
-                            np.asarray(prompt, np.int32), np.asarray(completion, np.int32),
-                            np.asarray(avoid, np.int32))
+                            *(np.asarray(part, np.int32) for part in (prompt, completion, avoid, end)))
 
 
 def tokenize_example(example: TaskExample, tokenizer: Encoder, bos_id: int | None = None,
