@@ -1,0 +1,47 @@
+"""Preference alignment losses: softmax-DPO over one chosen and N rejected completions.
+
+Softmax-DPO (S-DPO; Chen et al., 2024, "On Softmax Direct Preference Optimization for
+Recommendation"), the preference stage of Align3GR. With the implicit rewards
+`r(y) = beta * (log pi(y | x) - log pi_ref(y | x))` of the policy `pi` against a frozen
+reference `pi_ref`, one chosen completion `w` and rejected completions `l_1 .. l_N`:
+
+    loss = -log sigmoid(-log sum_j exp(r(l_j) - r(w)))
+
+With one rejected completion this is DPO's `-log sigmoid(r(w) - r(l))`. Rejected slots may be
+padding (`rejected_mask` False): a row with none rejected has loss 0.
+
+    chosen = sequence_log_probs(logits, targets, mask)   # [batch] from one forward pass
+    loss = softmax_dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, mask)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def sequence_log_probs(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """`[batch]` the summed log-probability of each row's weighted targets.
+
+    `logits` `[batch, len, vocab]`, `targets` `[batch, len]` (the caller shifts, as for
+    `neo_jax.model.loss.masked_cross_entropy`), `weights` `[batch, len]` (1 on the completion)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, len, vocab]
+    target_log_probs = jnp.take_along_axis(log_probs, targets[:, :, None], axis=2)[:, :, 0]  # [batch, len]
+    return jnp.sum(target_log_probs * weights.astype(jnp.float32), axis=1)
+
+
+def softmax_dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,
+                     reference_rejected: jax.Array, beta: float, rejected_mask: jax.Array | None = None
+                     ) -> jax.Array:
+    """`[batch]` softmax-DPO losses (see the module docstring).
+
+    `policy_chosen`, `reference_chosen` `[batch]` and `policy_rejected`, `reference_rejected`,
+    `rejected_mask` `[batch, rejected]`: sequence log-probabilities of the completions under the
+    policy and the reference; `rejected_mask` marks the real rejected slots (all by default)."""
+    chosen_reward = beta * (policy_chosen - reference_chosen)  # [batch]
+    rejected_reward = beta * (policy_rejected - reference_rejected)  # [batch, rejected]
+    margins = rejected_reward - chosen_reward[:, None]  # [batch, rejected]
+    if rejected_mask is None:
+        rejected_mask = jnp.ones(margins.shape, bool)
+    log_sum = jax.nn.logsumexp(jnp.where(rejected_mask, margins, -jnp.inf), axis=-1)  # [batch], -inf: none
+    return jnp.where(jnp.any(rejected_mask, axis=-1), jax.nn.softplus(log_sum), 0.0)  # -log sigmoid(-x)
