@@ -100,10 +100,10 @@ def test_a_negative_loss_mask_is_penalised_not_learned(chunk):
     hidden = jnp.asarray(rng.normal(size=(1, 15, 16)).astype(np.float32))
     logits_of = lambda h: h * 2.0  # the "head": hidden states as logits
     loss, weight, repeats = completion_loss_sums(hidden, logits_of, targets, jnp.asarray(mask), segments, chunk,
-                                                 HistoryPenalty(CODE_LEVELS, 1))
+                                                 HistoryPenalty(CODE_LEVELS, 1, avoided_from_level=2))
     learned = np.where(mask > 0, mask, 0.0)
     mean, total = masked_cross_entropy(logits_of(hidden), targets, jnp.asarray(learned))
     assert float(weight) == 10.0 and float(loss) == pytest.approx(float(mean * total), rel=1e-5)
     expected = (history_unlikelihood(logits_of(hidden), targets, jnp.asarray(learned), segments, CODE_LEVELS, 1)
-                + avoided_unlikelihood(logits_of(hidden), targets, jnp.asarray(np.maximum(-mask, 0)), CODE_LEVELS, 1))
+                + avoided_unlikelihood(logits_of(hidden), targets, jnp.asarray(np.maximum(-mask, 0)), CODE_LEVELS, 2))
     assert float(repeats) == pytest.approx(float(expected), rel=1e-5) and float(repeats) > 0

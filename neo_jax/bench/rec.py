@@ -60,8 +60,10 @@ class RecBenchConfig:
     window: int = 20  # history items per training window (and the prompt holds window - 1)
     window_sampling: str = "tile"  # or random (`neo-jax data tasks --window-sampling`)
     # Each window also carries one of its items as an avoided span, penalised at the unlikelihood
-    # weight (`neo-jax data tasks --avoid-repeats`).
+    # weight from SID level `avoided_from_level` on (`neo-jax data tasks --avoid-repeats`,
+    # `neo-jax train`'s `unlikelihood_avoided_from_level`).
     avoid_repeats: bool = False
+    avoided_from_level: int = 2
     text_vocab_size: int = 512  # at most this many sentencepiece pieces (the header text needs ~350)
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields replacing DEFAULT_MODEL's
     # A pre-trained backbone (a `neo-jax import-hf` output, its tokenizer/ inside) instead of random
@@ -228,7 +230,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     stage = StageSettings(stage="instruct", steps=config.steps, learning_rate=config.learning_rate,
                           batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, mesh=config.mesh,
                           warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-                          dropout=config.dropout, unlikelihood=config.unlikelihood, ema_decay=config.ema_decay,
+                          dropout=config.dropout, unlikelihood=config.unlikelihood,
+                          unlikelihood_avoided_from_level=config.avoided_from_level, ema_decay=config.ema_decay,
                           compute_dtype=config.compute_dtype, log_every=50, evaluations=config.evaluations,
                           eval_extra=_selection_settings(config, root))
     if backbone is None:

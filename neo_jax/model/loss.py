@@ -92,10 +92,12 @@ def avoided_unlikelihood(logits: jax.Array, targets: jax.Array, avoided: jax.Arr
 
 @dataclasses.dataclass(frozen=True)
 class HistoryPenalty:
-    """Where `history_unlikelihood` looks: each token's SID level and the first penalised level."""
+    """Where the unlikelihood terms look: each token's SID level and the first penalised level of
+    `history_unlikelihood` and of `avoided_unlikelihood`."""
 
     code_levels: np.ndarray  # [vocab] SID level of each token id, -1 elsewhere
     from_level: int
+    avoided_from_level: int = 2
 
 
 def completion_loss_sums(hidden: jax.Array, logits_of: Callable[[jax.Array], jax.Array], targets: jax.Array,
@@ -125,7 +127,7 @@ def completion_loss_sums(hidden: jax.Array, logits_of: Callable[[jax.Array], jax
         repeats = (history_unlikelihood(logits, targets, learned, segment_ids, penalty.code_levels,
                                         penalty.from_level, start, log_normaliser)
                    + avoided_unlikelihood(logits, row(targets), row(avoided), penalty.code_levels,
-                                          penalty.from_level, log_normaliser))
+                                          penalty.avoided_from_level, log_normaliser))
         return mean * total, repeats
 
     if not 0 < chunk < length:

@@ -145,8 +145,12 @@ class TrainConfig:
     # `unlikelihood_from_level` (0-based) on; 0 turns it off. With 3 levels of 256 over Beauty's
     # 12k items a two-code prefix holds one or two items, so from level 1 a penalised code names
     # (nearly) only the earlier item; level 0 would push away clusters of ~50 similar items.
+    # Avoided spans (records written with `neo-jax data tasks --avoid-repeats`) are penalised at the
+    # same weight from `unlikelihood_avoided_from_level` on: from level 2 only the codes that name the
+    # history item itself (a penalised level-1 code would push away its one or two siblings too).
     unlikelihood: float = 0.0
     unlikelihood_from_level: int = 1
+    unlikelihood_avoided_from_level: int = 2
     seed: int = 0
     log_every: int = 10
     mfu: bool = True  # measure this machine's matmul FLOP/s once and report MFU
@@ -180,9 +184,10 @@ def check_settings(config: TrainConfig) -> None:
         raise UserError(f"loss_chunk must be non-negative, got {config.loss_chunk}")
     if not 0.0 <= config.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {config.dropout}")
-    if config.unlikelihood < 0 or config.unlikelihood_from_level < 0:
-        raise UserError(f"unlikelihood and unlikelihood_from_level must be non-negative, got "
-                        f"{config.unlikelihood} and {config.unlikelihood_from_level}")
+    if config.unlikelihood < 0 or min(config.unlikelihood_from_level, config.unlikelihood_avoided_from_level) < 0:
+        raise UserError(f"unlikelihood, unlikelihood_from_level and unlikelihood_avoided_from_level must be "
+                        f"non-negative, got {config.unlikelihood}, {config.unlikelihood_from_level} and "
+                        f"{config.unlikelihood_avoided_from_level}")
     opt = config.optimizer
     if opt.learning_rate <= 0 or opt.warmup_steps < 0 or not 0 <= opt.end_lr_ratio <= 1 or opt.clip_norm < 0:
         raise UserError("optimizer: learning_rate must be positive, warmup_steps and clip_norm non-negative, "

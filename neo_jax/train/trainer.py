@@ -258,7 +258,8 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
             _initial_params(config, model_config, layout, mesh))
 
     unlikelihood = (Unlikelihood(config.unlikelihood,
-                                 HistoryPenalty(layout.code_level_table(), config.unlikelihood_from_level))
+                                 HistoryPenalty(layout.code_level_table(), config.unlikelihood_from_level,
+                                                config.unlikelihood_avoided_from_level))
                     if config.unlikelihood else None)
     plan = state_layout.plan
     steps = make_steps(state_layout.graphdef, plan, state_layout.tx, state_layout.masks,
