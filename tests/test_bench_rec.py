@@ -17,7 +17,8 @@ SMALL = ["steps=4", "batch_size=8", "seq_len=128", "window=6", "beams=5", "ks=[1
          "embedding.text.dim=32", "embedding.collab.epochs=1", "embedding.collab.dim=8",
          "sids.codebook_sizes=[8,8]", "sids.type_codebook_sizes={brand: [8], creator: [8]}",
          "sasrec.epochs=1", "sasrec.model.hidden=16", "sasrec.model.max_len=8",
-         "evaluations=2", "select=valid_ndcg@10", "select_users=8"]
+         "evaluations=2", "select=valid_ndcg@10", "select_users=8",
+         "unlikelihood=1.0", "avoid_repeats=true", "avoided_from_level=1"]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,24 @@ def test_every_phase_reports_and_every_beam_is_an_item(bench):
     repeats = result["history_repeats"]  # history kept: how often the ranking names what the user has
     assert set(repeats) == {"history_first", "history_share@1", "history_share@5"}
     assert 0.0 <= repeats["history_share@5"] <= 1.0 and repeats["history_first"] == repeats["history_share@1"]
+
+
+def test_avoided_spans_reach_the_records_and_the_training_run(bench):
+    import yaml
+    from neo_jax.tasks.builders import read_examples
+    from neo_jax.tasks.records import TokenizedExample, record_paths
+    import grain
+
+    root, _ = bench
+    windows = read_examples(root / "run" / "tasks" / "train.jsonl")
+    assert windows and all(w.avoid and w.avoid in w.completion for w in windows)
+    source = grain.sources.ArrayRecordDataSource(record_paths(root / "run" / "records", "train"))
+    record = TokenizedExample.from_bytes(source[0])
+    assert record.avoid.size > 0 and record.end.size == 1  # the avoided span, then the eos
+    train = yaml.safe_load((root / "run" / "train.yaml").read_text())
+    assert (train["unlikelihood"], train["unlikelihood_avoided_from_level"]) == (1.0, 1)
+    logged = [json.loads(line) for line in (root / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("unlikelihood", 0.0) > 0.0 for m in logged)
 
 
 def test_rerun_skips_finished_phases(bench, capsys):

@@ -103,7 +103,7 @@ class HistoryPenalty:
 def completion_loss_sums(hidden: jax.Array, logits_of: Callable[[jax.Array], jax.Array], targets: jax.Array,
                          weights: jax.Array, segment_ids: jax.Array, chunk: int = 0,
                          penalty: HistoryPenalty | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`(sum of weighted -log p(targets), total weight, sum of the history penalties)` of a batch.
+    """`(sum of weighted -log p(targets), total learned weight, sum of the unlikelihood penalties)` of a batch.
 
     `hidden` `[batch, len, embed]` are the final hidden states and `logits_of` the output head
     (`[batch, n, embed]` -> float32 `[batch, n, vocab]`). With `chunk` > 0 and shorter than the
