@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "random: as many windows at seeded random end points (default: tile)")
     tasks.add_argument("--avoid-repeats", action="store_true",
                        help="each window example also carries one of its own items after its last one, whose "
-                            "SID codes training makes unlikely there (at `neo-jax train`'s unlikelihood weight)")
+                            "SID codes training makes unlikely there (at `neo-jax train`'s unlikelihood weight, "
+                            "from its unlikelihood_avoided_from_level)")
     tasks.add_argument("--max-search-targets", type=int, default=5, help="examples per search query")
     tasks.add_argument("--explain-fraction", type=float, default=0.2,
                        help="share of training sequences also written as explanations")

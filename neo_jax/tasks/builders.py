@@ -23,9 +23,10 @@ newest `window - 1` history items, and the target's SID as the completion.
 
 With `TaskConfig.avoid_repeats`, each window example also carries an avoided span: the SID of one
 of its own items (seeded uniform pick), written after its last item. Training penalises that
-item's codes there (from the unlikelihood's first level, at its weight: `neo_jax.model.loss`),
-which is the state a beam search reaches after taking a history item's first code: the history
-unlikelihood alone never visits it when the next item does not share that code.
+item's codes there (from `neo-jax train`'s `unlikelihood_avoided_from_level`, at the unlikelihood
+weight: `neo_jax.model.loss.avoided_unlikelihood`), which is the state a beam search reaches after
+taking a history item's first codes: the history unlikelihood alone never visits it when the next
+item does not share them.
 """
 
 from __future__ import annotations

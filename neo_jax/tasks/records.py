@@ -6,9 +6,10 @@ One record is one example, a UTF-8 JSON object: `task`, `entity_type`, `output_f
 an avoided span (`TaskExample.avoid`) also has `avoid`, its tokens, and `end`, the eos: the
 sequence is prompt, completion, avoided span, end; the completion and the end are learned, the
 avoided span penalised (`neo_jax.tasks.pipeline`), so the span sits right after the completion's
-last item and the example still learns its eos. The prompt, completion and avoided span are encoded separately, as the decoder sees them (it encodes the prompt
-alone and generates the rest). Shards of a split are named
-`{split}-{index:05d}-of-{count:05d}.array_record`; examples go to shards round-robin.
+last item and the example still learns its eos. The prompt, completion and avoided span are
+encoded separately, as the decoder sees them (it encodes the prompt alone and generates the
+rest). Shards of a split are named `{split}-{index:05d}-of-{count:05d}.array_record`; examples go
+to shards round-robin.
 
 With a length limit (`max_length` > 0, the training `seq_len + 1`), an example longer than the
 limit is fitted here, where the tokenizer is known, so that the pipeline never has to cut it
@@ -125,8 +126,7 @@ def fit_example(example: TaskExample, tokenizer: Encoder, bos_id: int | None = N
     header_ids = bos + list(tokenizer.encode(header))
     if len(header_ids) + len(completion) + len(tail) > max_length:
         raise UserError(f"{where} cannot fit max_length {max_length}: its completion alone is "
-                        f"{len(completion) + len(tail)} "
-                        f"tokens and the prompt's header {len(header_ids)} (bos included); no cut of the prompt "
+                        f"{len(completion) + len(tail)} tokens and the prompt's header {len(header_ids)} (bos included); no cut of the prompt "
                         f"fits it (the completion is never cut). Raise --max-length (and the training seq_len) "
                         f"or write shorter completions (e.g. a smaller --window). Prompt: {example.prompt[:80]!r}")
     starts = [m.start() for m in re.finditer(re.escape(SID_OPEN), body)]
