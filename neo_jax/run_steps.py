@@ -58,6 +58,7 @@ class StageSettings:
     weight_decay: float | None = None  # default: 0 for grounding, 0.1 otherwise
     dropout: float = 0.0
     unlikelihood: float = 0.0  # weight of the history unlikelihood term (`TrainConfig.unlikelihood`)
+    unlikelihood_from_level: int = 1  # `TrainConfig.unlikelihood_from_level`
     unlikelihood_avoided_from_level: int = 2  # `TrainConfig.unlikelihood_avoided_from_level`
     ema_decay: float = 0.0  # weight average (`OptimizerConfig.ema_decay`); 0: none
     compute_dtype: str = "float32"  # or bfloat16 (an accelerator); the weights stay float32
@@ -86,6 +87,7 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
         "mesh": dataclasses.asdict(settings.mesh), "steps": settings.steps, "batch_size": settings.batch_size,
         "seq_len": settings.seq_len, "log_every": settings.log_every, "dropout": settings.dropout,
         "compute_dtype": settings.compute_dtype, "unlikelihood": settings.unlikelihood,
+        "unlikelihood_from_level": settings.unlikelihood_from_level,
         "unlikelihood_avoided_from_level": settings.unlikelihood_avoided_from_level,
         "optimizer": {"learning_rate": settings.learning_rate,
                       "warmup_steps": (max(1, settings.steps // 10) if settings.warmup_steps is None

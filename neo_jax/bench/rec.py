@@ -80,6 +80,7 @@ class RecBenchConfig:
     weight_decay: float = 0.1
     dropout: float = 0.0  # on the decoder's embeddings and residual branches, training only
     unlikelihood: float = 0.0  # weight of the history unlikelihood term (`neo-jax train`'s `unlikelihood`)
+    history_from_level: int = 1  # its first penalised SID level (`neo-jax train`'s `unlikelihood_from_level`)
     ema_decay: float = 0.0  # an exponential moving average of the weights is evaluated (`optimizer.ema_decay`)
     batch_size: int = 16
     seq_len: int = 256
@@ -231,6 +232,7 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
                           batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, mesh=config.mesh,
                           warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
                           dropout=config.dropout, unlikelihood=config.unlikelihood,
+                          unlikelihood_from_level=config.history_from_level,
                           unlikelihood_avoided_from_level=config.avoided_from_level, ema_decay=config.ema_decay,
                           compute_dtype=config.compute_dtype, log_every=50, evaluations=config.evaluations,
                           eval_extra=_selection_settings(config, root))
