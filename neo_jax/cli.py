@@ -21,7 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sids": ("neo_jax.catalog.commands", "build semantic IDs and the SID trie for a catalog (`sids build`)"),
     "tokenizer": ("neo_jax.tokenizer.commands", "build a mixed text + SID tokenizer directory"),
     "import-hf": ("neo_jax.hf.commands_import", "import a Hugging Face (safetensors) or GGUF checkpoint"),
-    "train": ("neo_jax.train.commands", "train a stage (SID grounding or instruction tuning) on a device mesh"),
+    "train": ("neo_jax.train.commands", "train a stage (SID grounding, instruction tuning or preference) on a "
+                                        "device mesh"),
+    "align": ("neo_jax.align", "progressive self-play softmax-DPO of a fine-tuned recommender (Align3GR)"),
     "shard-plan": ("neo_jax.train.shard_plan", "a training config's partition specs and bytes per device "
                                                "(parameters, optimizer state, gradients), from shapes alone"),
     "generate": ("neo_jax.decode.commands", "decode prompts with SID-constrained beam search or sampling"),

@@ -8,6 +8,7 @@ nearest valid spelling, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -242,6 +243,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, doc: str | None, config_help: str, overrides_help: str,
+                         config_required: bool = False) -> None:
+    """A command's `--config FILE` and `KEY=VALUE` overrides (read with `load_config`), its module
+    docstring as the description."""
+    parser.description = doc
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", required=config_required, default=None, help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

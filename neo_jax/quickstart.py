@@ -37,7 +37,7 @@ from neo_jax.catalog.embed_collab import CollabConfig
 from neo_jax.catalog.embeddings import EmbeddingConfig
 from neo_jax.catalog.embed_text import TextEncoderConfig
 from neo_jax.catalog.sids import SidConfig
-from neo_jax.config import MeshConfig, load_config
+from neo_jax.config import MeshConfig, add_config_arguments, load_config
 from neo_jax.data.loaders import load_dataset
 from neo_jax.data.splits import leave_one_out
 from neo_jax.data.synthetic import SynthConfig
@@ -217,11 +217,8 @@ def _show_examples(generator, examples, beams: int) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--config", default=None, help="a YAML file of settings (e.g. configs/quickstart_beauty.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="settings of the run, e.g. out=runs/qs instruct_steps=2000 mesh.data=2")
+    add_config_arguments(parser, __doc__, "a YAML file of settings (e.g. configs/quickstart_beauty.yaml)",
+                         "settings of the run, e.g. out=runs/qs instruct_steps=2000 mesh.data=2")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ def cli_step(prefix: str, name: str, out_dir: Path, command: list[str]) -> None:
 class StageSettings:
     """One training stage of a whole-path command; written out as a `neo-jax train` config."""
 
-    stage: str  # grounding | instruct
+    stage: str  # grounding | instruct | preference
     steps: int
     learning_rate: float
     batch_size: int
@@ -68,6 +68,7 @@ class StageSettings:
     # e.g. {"recall_examples": ..., "recall_sids": ..., "recall_users": 2000, "select": "valid_ndcg@10"}.
     eval_extra: dict = dataclasses.field(default_factory=dict)
     log_every: int = 10
+    preference: dict = dataclasses.field(default_factory=dict)  # `TrainConfig.preference` of a preference stage
 
 
 def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict, records: Path,
@@ -96,6 +97,8 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
         "checkpoint": {"every_steps": every, "keep": 2},
         "eval": {"every_steps": every, "batches": settings.eval_batches, **settings.eval_extra},
     }
+    if settings.preference:
+        config["preference"] = settings.preference
     config_path = run_dir.parent / f"{run_dir.name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     say(prefix, f"train {settings.stage}: neo-jax train --config {config_path}")

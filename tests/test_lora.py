@@ -6,7 +6,6 @@ import dataclasses
 
 import jax
 import jax.extend
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,7 +14,7 @@ from neo_jax.model import Decoder
 from neo_jax.model.layers import LowRankKernel
 from neo_jax.train.config import LoraConfig, OptimizerConfig
 from neo_jax.train.stages import StagePlan, learning_rate_schedule, make_optimizer
-from neo_jax.train.step import _loss_sum, make_steps, new_train_state, train_state_shardings
+from neo_jax.train.step import completion_objective, make_steps, new_train_state, train_state_shardings
 from neo_jax.sharding import create_sharded, make_mesh, state_shardings
 from neo_jax.config import MeshConfig
 from neo_jax.model.loss import completion_loss_sums
@@ -41,7 +40,12 @@ def merged_loss_sum(trainable, frozen, batch, graphdef, plan):
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
     loss, weight, _ = completion_loss_sums(hidden, model.logits, batch["targets"], batch["loss_mask"],
                                            batch["segment_ids"])
-    return loss, (loss, weight, jnp.zeros(()))
+    return loss, {"loss": loss, "weight": weight}
+
+
+def adapted_loss_sum(trainable, frozen, batch, graphdef, plan):
+    """The trainer's own: the adapters kept apart from the kernels (`StagePlan.adapted_params`)."""
+    return completion_objective(graphdef, plan)(trainable, frozen, batch, None)
 
 
 def test_adapted_kernels_give_the_merged_loss_and_gradients():
@@ -49,7 +53,8 @@ def test_adapted_kernels_give_the_merged_loss_and_gradients():
     batch = packed_batch()
     adapted = PLAN.adapted_params(trainable, frozen)
     assert isinstance(adapted["layers"][0]["attn"]["o_kernel"], LowRankKernel)
-    (loss, _), grads = jax.value_and_grad(_loss_sum, has_aux=True)(trainable, frozen, batch, graphdef, PLAN)
+    (loss, _), grads = jax.value_and_grad(adapted_loss_sum, has_aux=True)(trainable, frozen, batch, graphdef,
+                                                                         PLAN)
     (want, _), want_grads = jax.value_and_grad(merged_loss_sum, has_aux=True)(trainable, frozen, batch, graphdef,
                                                                               PLAN)
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
@@ -79,7 +84,7 @@ def _dot_output_shapes(jaxpr) -> set[tuple[int, ...]]:
     return shapes
 
 
-@pytest.mark.parametrize("loss_fn, kernel_sized", [(_loss_sum, False), (merged_loss_sum, True)])
+@pytest.mark.parametrize("loss_fn, kernel_sized", [(adapted_loss_sum, False), (merged_loss_sum, True)])
 def test_no_product_of_a_kernels_size_in_the_gradient(loss_fn, kernel_sized):
     """The merged form (the control) forms `A @ B` and the kernel's gradient; the adapted one neither."""
     graphdef, trainable, frozen = adapted_setup()

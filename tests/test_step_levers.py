@@ -18,7 +18,7 @@ from neo_jax.model.loss import HistoryPenalty
 from neo_jax.sharding import batch_sharding, create_sharded, make_mesh
 from neo_jax.train.config import LoraConfig
 from neo_jax.train.stages import make_plan
-from neo_jax.train.step import Unlikelihood, _loss_sum
+from neo_jax.train.step import Unlikelihood, completion_objective
 from neo_jax.train.trainer import train
 from test_train_mesh import SETTINGS, losses
 from train_fixtures import tiny_config, write_dataset
@@ -73,10 +73,11 @@ def loss_and_grads(model_config: ModelConfig, mesh_config: MeshConfig, loss_chun
 
     @jax.jit
     def run(trainable, batch):
-        return jax.value_and_grad(_loss_sum, has_aux=True)(trainable, frozen, batch, graphdef, plan, drop,
-                                                           unlikelihood, loss_chunk)
-    (objective, (loss, tokens, penalty)), grads = run(trainable, batch)
-    return float(objective), float(loss), float(tokens), float(penalty), jax.tree.map(np.asarray, grads)
+        objective = completion_objective(graphdef, plan, unlikelihood, loss_chunk)
+        return jax.value_and_grad(objective, has_aux=True)(trainable, frozen, batch, drop)
+    (objective, sums), grads = run(trainable, batch)
+    return (float(objective), float(sums["loss"]), float(sums["weight"]), float(sums["unlikelihood"]),
+            jax.tree.map(np.asarray, grads))
 
 
 def assert_same(got, want):

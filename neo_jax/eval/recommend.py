@@ -68,6 +68,30 @@ def parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
+def rank_examples(generator: Generator, examples: Sequence[TaskExample], beams: int, batch_size: int = 16,
+                  show_progress: bool = False, exclude_history: bool = False) -> np.ndarray:
+    """`[examples, beams]` catalog rows ranked by constrained ID-mode beam search for each example's
+    prompt, best first (-1: a filler beam, where fewer items were found); with `exclude_history`
+    each example's history (`TaskExample.history`) is kept out of its beams."""
+    settings = DecodeSettings(method="beam", max_new_tokens=sid_answer_tokens(generator.tokenizer.layout),
+                              beam_size=beams)
+    ranked = np.full((len(examples), beams), -1, np.int64)  # [examples, beams] catalog rows, best first
+    progress = Progress(len(examples), label="rank", unit="user") if show_progress else None
+    # Batches of similar prompt lengths pad less; results go back to the examples' own order.
+    order = np.argsort([len(e.prompt) for e in examples], kind="stable")  # [examples]
+    for start in range(0, len(examples), batch_size):
+        indices = order[start:start + batch_size].tolist()
+        batch = [examples[i] for i in indices]
+        # The last batch repeats its final prompt up to `batch_size`, so every batch has one shape.
+        padded = batch + [batch[-1]] * (batch_size - len(batch))
+        excluded = [e.history for e in padded] if exclude_history else None
+        ranked[indices] = generator.rank_items([e.prompt for e in padded], settings,
+                                               excluded_ids=excluded)[:len(batch)]  # [batch, beams]
+        if progress is not None:
+            progress.update(min(start + batch_size, len(examples)))
+    return ranked
+
+
 def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExample], beams: int = 10,
                              batch_size: int = 16, ks: tuple[int, ...] = (5, 10),
                              show_progress: bool = True, exclude_history: bool = False) -> dict[str, float]:
@@ -94,24 +118,8 @@ def evaluate_recommendations(generator: Generator, examples: Sequence[TaskExampl
         raise UserError("--exclude-history needs examples that list the user's history; rebuild them with "
                         "`neo-jax data tasks`")
     targets = target_rows(examples, generator)  # [examples]
-    settings = DecodeSettings(method="beam", max_new_tokens=sid_answer_tokens(generator.tokenizer.layout),
-                              beam_size=beams)
-    ranked = np.full((len(examples), beams), -1, np.int64)  # [examples, beams] catalog rows, best first
-    named = 0
-    progress = Progress(len(examples), label="eval", unit="user") if show_progress else None
-    # Batches of similar prompt lengths pad less; results go back to the examples' own order.
-    order = np.argsort([len(e.prompt) for e in examples], kind="stable")  # [examples]
-    for start in range(0, len(examples), batch_size):
-        indices = order[start:start + batch_size].tolist()
-        batch = [examples[i] for i in indices]
-        # The last batch repeats its final prompt up to `batch_size`, so every batch has one shape.
-        padded = batch + [batch[-1]] * (batch_size - len(batch))
-        excluded = [e.history for e in padded] if exclude_history else None
-        rows = generator.rank_items([e.prompt for e in padded], settings, excluded_ids=excluded)[:len(batch)]
-        named += int((rows >= 0).sum())  # [batch, beams] rows, -1 for filler beams
-        ranked[indices] = rows
-        if progress is not None:
-            progress.update(min(start + batch_size, len(examples)))
+    ranked = rank_examples(generator, examples, beams, batch_size, show_progress, exclude_history)
+    named = int((ranked >= 0).sum())  # -1 for filler beams
     metrics = ranking_metrics(ranked, targets, ks)
     if all(e.history for e in examples):
         histories = [{generator.row_of_id[i] for i in e.history if i in generator.row_of_id} for e in examples]

@@ -12,9 +12,15 @@ padding (`rejected_mask` False): a row with none rejected has loss 0.
 
     chosen = sequence_log_probs(logits, targets, mask)   # [batch] from one forward pass
     loss = softmax_dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, mask)
+
+`candidate_log_probs` scores a preference batch (`neo_jax.tasks.preference`) with a decoder: the
+policy inside the train step (`neo_jax.train.step.preference_objective`), the reference once per
+stage when its records are written (`neo_jax.align`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +34,18 @@ def sequence_log_probs(logits: jax.Array, targets: jax.Array, weights: jax.Array
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, len, vocab]
     target_log_probs = jnp.take_along_axis(log_probs, targets[:, :, None], axis=2)[:, :, 0]  # [batch, len]
     return jnp.sum(target_log_probs * weights.astype(jnp.float32), axis=1)
+
+
+def candidate_log_probs(model: Any, batch: dict[str, jax.Array], dropout: Any = None) -> jax.Array:
+    """`[groups, candidates]` the summed log-probability of each candidate's completion under `model`
+    (a `neo_jax.model.Decoder`), from a preference batch (`neo_jax.tasks.preference`: `tokens`,
+    `targets`, `loss_mask`, `segment_ids`, `positions` `[groups, candidates, len]`); 0 in empty slots."""
+    groups, candidates, length = batch["tokens"].shape
+    rows = lambda x: x.reshape(groups * candidates, length)
+    hidden, _ = model.hidden_states(rows(batch["tokens"]), rows(batch["positions"]), rows(batch["segment_ids"]),
+                                    dropout=dropout)  # [groups * candidates, len, embed]
+    return sequence_log_probs(model.logits(hidden), rows(batch["targets"]),
+                              rows(batch["loss_mask"])).reshape(groups, candidates)
 
 
 def softmax_dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,

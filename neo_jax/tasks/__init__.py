@@ -5,4 +5,6 @@
   profiles, explanations) and the evaluation examples.
 - `records`: tokenized examples as ArrayRecord shards, fitted to a length limit.
 - `pipeline`: the grain input pipeline (task mix, packing, batching, exact resume).
+- `preference`: preference records (a prompt, its chosen and rejected completions, the reference
+  model's log-probabilities) and their fixed-shape batches, for the softmax-DPO stage.
 """

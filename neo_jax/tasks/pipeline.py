@@ -114,16 +114,21 @@ def _batch_layout(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "segment_ids": packed["tokens_segment_ids"], "positions": packed["tokens_positions"]}
 
 
-def make_dataset(paths: Sequence[str], config: PipelineConfig, shard_index: int = 0,
-                 shard_count: int = 1) -> grain.IterDataset:
-    """The batches of this process (`shard_index` of `shard_count`, e.g. `jax.process_index()`
-    of `jax.process_count()`)."""
+def shard_records(paths: Sequence[str], shard_index: int, shard_count: int) -> grain.MapDataset:
+    """Every `shard_count`-th record of the ArrayRecord files `paths`, from record `shard_index` on."""
     if not 0 <= shard_index < shard_count:
         raise UserError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
     source = grain.sources.ArrayRecordDataSource(list(paths))
     if len(source) < shard_count:
-        raise UserError(f"{len(source)} records cannot feed {shard_count} processes")
-    records = grain.MapDataset.source(source)[shard_index::shard_count]
+        raise UserError(f"{len(source)} records in {paths[0]} ... cannot feed {shard_count} data shards")
+    return grain.MapDataset.source(source)[shard_index::shard_count]
+
+
+def make_dataset(paths: Sequence[str], config: PipelineConfig, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.IterDataset:
+    """The batches of this process (`shard_index` of `shard_count`, e.g. `jax.process_index()`
+    of `jax.process_count()`)."""
+    records = shard_records(paths, shard_index, shard_count)
     if config.task_weights:
         records = _task_mix(records, config, f"shard {shard_index} of {shard_count} of {paths[0]} ...")
     else:

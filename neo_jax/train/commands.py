@@ -13,16 +13,14 @@ import argparse
 import dataclasses
 import json
 
-from neo_jax.config import load_config
+from neo_jax.config import add_config_arguments, load_config
 from neo_jax.train.config import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--config", required=True, help="a training config YAML (see configs/train_*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="settings that replace the file's, e.g. steps=100 mesh.data=2 run_dir=runs/try")
+    add_config_arguments(parser, __doc__, "a training config YAML (see configs/train_*.yaml)",
+                         "settings that replace the file's, e.g. steps=100 mesh.data=2 run_dir=runs/try",
+                         config_required=True)
 
 
 def run(args: argparse.Namespace) -> int:

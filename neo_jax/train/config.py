@@ -115,9 +115,22 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """The `preference` stage's objective: softmax-DPO (`neo_jax.model.preference`) at `beta` over the
+    groups of preference records (`neo_jax.tasks.preference`: a chosen completion, N rejected, the
+    reference model's log-probabilities), plus `chosen_nll` times the chosen completion's summed
+    negative log-likelihood, which keeps the chosen item likely while the margins grow."""
+
+    beta: float = 1.0
+    chosen_nll: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = ""
-    stage: Literal["grounding", "instruct"] = "instruct"
+    # grounding: only the SID rows learn; instruct: every weight (or LoRA adapters); preference:
+    # every weight, on preference records (`data.records_dir` written by `neo-jax align`).
+    stage: Literal["grounding", "instruct", "preference"] = "instruct"
     init: InitConfig = InitConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
@@ -151,6 +164,7 @@ class TrainConfig:
     unlikelihood: float = 0.0
     unlikelihood_from_level: int = 1
     unlikelihood_avoided_from_level: int = 2
+    preference: PreferenceConfig = PreferenceConfig()
     seed: int = 0
     log_every: int = 10
     mfu: bool = True  # measure this machine's matmul FLOP/s once and report MFU
@@ -188,6 +202,12 @@ def check_settings(config: TrainConfig) -> None:
         raise UserError(f"unlikelihood, unlikelihood_from_level and unlikelihood_avoided_from_level must be "
                         f"non-negative, got {config.unlikelihood}, {config.unlikelihood_from_level} and "
                         f"{config.unlikelihood_avoided_from_level}")
+    if config.stage == "preference" and (config.unlikelihood or config.loss_chunk):
+        raise UserError("the preference stage's objective is softmax-DPO alone: unlikelihood and loss_chunk "
+                        f"must be 0, got {config.unlikelihood} and {config.loss_chunk}")
+    if config.preference.beta <= 0 or config.preference.chosen_nll < 0:
+        raise UserError(f"preference.beta must be positive and preference.chosen_nll non-negative, got "
+                        f"{config.preference.beta} and {config.preference.chosen_nll}")
     opt = config.optimizer
     if opt.learning_rate <= 0 or opt.warmup_steps < 0 or not 0 <= opt.end_lr_ratio <= 1 or opt.clip_norm < 0:
         raise UserError("optimizer: learning_rate must be positive, warmup_steps and clip_norm non-negative, "
@@ -220,7 +240,7 @@ def check_model_settings(config: TrainConfig) -> None:
         raise UserError(f"lora.rank must be non-negative, got {config.lora.rank}")
     if config.lora.rank and config.stage != "instruct":
         raise UserError(f"lora.rank={config.lora.rank} needs stage=instruct: the {config.stage} stage "
-                        "keeps every non-SID weight unchanged")
+                        "does not train adapters")
     init = config.init
     if (init.checkpoint is None) == (init.model_config is None):
         raise UserError("set exactly one of init.checkpoint (a model checkpoint directory) and init.model_config "

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from neo_jax.errors import UserError
+from neo_jax.sharding import batch_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,8 @@ def initialize(config: DistributedConfig) -> None:
                                    num_processes=config.num_processes, process_id=config.process_id)
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-    """One global array per field from this process's rows (`[local_batch, ...]` -> `[global_batch, ...]`)."""
-    return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local.items()}
+def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """One global array per field from this process's rows (`[local_batch, ...]` -> `[global_batch, ...]`),
+    its rows over the mesh's data axes (`batch_sharding`)."""
+    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+            for name, value in local.items()}

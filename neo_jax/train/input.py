@@ -1,54 +1,75 @@
-"""This process's rows of each global batch, from the grain pipeline of `neo_jax.tasks.pipeline`.
+"""This process's rows of each global batch, from the grain pipeline of `neo_jax.tasks.pipeline`
+(or, in the `preference` stage, of `neo_jax.tasks.preference`).
 
-The global batch is `num_shards` equal parts side by side (`[batch, seq_len]` = part 0
-rows, part 1 rows, ...); part i is packed from every num_shards-th record starting at
+The global batch is `num_shards` equal parts side by side (`[batch, ...]` = part 0
+rows, part 1 rows, ...); part i is built from every num_shards-th record starting at
 record i. Process p of P reads parts `p*K .. p*K+K-1` (K = num_shards / P) and zips them
-into its `[batch / P, seq_len]` rows. The batches therefore depend on `num_shards` only:
+into its `[batch / P, ...]` rows. The batches therefore depend on `num_shards` only:
 one process and several processes see the same global batches. The zipped iterator is a
 grain `DatasetIterator`, so its state (every part's position) is checkpointed exactly.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import grain
 import jax
 import numpy as np
 
-from neo_jax.tasks.pipeline import BATCH_KEYS, PipelineConfig, make_dataset
+from neo_jax.tasks.pipeline import PipelineConfig, make_dataset
+from neo_jax.tasks.preference import make_preference_dataset, preference_layout
 from neo_jax.tasks.records import record_paths
 from neo_jax.train.config import TrainConfig, num_data_shards
 
+# (record paths, rows per part, shuffle, shard index, shard count) -> one part's batches
+PartFactory = Callable[[list[str], int, bool, int, int], grain.IterDataset]
+
 
 def _concat_parts(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
-    """K parts of `[rows, seq_len]` -> `[K * rows, seq_len]` per field."""
-    return {key: np.concatenate([part[key] for part in parts], axis=0) for key in BATCH_KEYS}
+    """K parts of `[rows, ...]` -> `[K * rows, ...]` per field."""
+    return {key: np.concatenate([part[key] for part in parts], axis=0) for key in parts[0]}
 
 
-def process_batches(config: TrainConfig, split: str, shuffle: bool,
-                    task_weights: Mapping[str, float]) -> grain.DatasetIterator:
-    """An endless iterator over this process's rows of the global batches of `split`, whose
-    records are mixed by `task_weights` (empty: as written)."""
+def _process_batches(config: TrainConfig, split: str, shuffle: bool, part: PartFactory) -> grain.DatasetIterator:
+    """An endless iterator over this process's rows of the global batches of `split`."""
     process_count, process_index = jax.process_count(), jax.process_index()
     shards = num_data_shards(config, process_count)
     per_process = shards // process_count
-    pipeline = PipelineConfig(seq_len=config.seq_len, batch_size=config.batch_size // shards, seed=config.seed,
-                              shuffle=shuffle, packing_bins=config.data.packing_bins,
-                              read_threads=config.data.read_threads,
-                              prefetch_batches=config.data.prefetch_batches, task_weights=task_weights)
     paths = record_paths(config.data.records_dir, split)
-    parts = [make_dataset(paths, pipeline, shard_index=shard, shard_count=shards)
+    parts = [part(paths, config.batch_size // shards, shuffle, shard, shards)
              for shard in range(process_index * per_process, (process_index + 1) * per_process)]
     return iter(grain.experimental.ZipIterDataset(parts).map(_concat_parts))
 
 
+def _packed_parts(config: TrainConfig, task_weights: Mapping[str, float]) -> PartFactory:
+    """Parts packed from task records (`neo_jax.tasks.pipeline`), mixed by `task_weights` (empty: as written)."""
+    def part(paths, rows, shuffle, shard, shards):
+        pipeline = PipelineConfig(seq_len=config.seq_len, batch_size=rows, seed=config.seed, shuffle=shuffle,
+                                  packing_bins=config.data.packing_bins, read_threads=config.data.read_threads,
+                                  prefetch_batches=config.data.prefetch_batches, task_weights=task_weights)
+        return make_dataset(paths, pipeline, shard_index=shard, shard_count=shards)
+    return part
+
+
+def _preference_parts(config: TrainConfig) -> PartFactory:
+    """Parts of preference groups (`neo_jax.tasks.preference`), one chosen and the rejected each."""
+    candidates = preference_layout(config.data.records_dir)["candidates"]
+
+    def part(paths, rows, shuffle, shard, shards):
+        return make_preference_dataset(paths, config.seq_len, candidates, rows, config.seed, shuffle, shard, shards,
+                                       config.data.read_threads, config.data.prefetch_batches)
+    return part
+
+
 def train_batches(config: TrainConfig) -> grain.DatasetIterator:
-    return process_batches(config, config.data.train_split, shuffle=config.data.shuffle,
-                           task_weights=config.data.task_weights)
+    part = (_preference_parts(config) if config.stage == "preference"
+            else _packed_parts(config, config.data.task_weights))
+    return _process_batches(config, config.data.train_split, config.data.shuffle, part)
 
 
 def validation_batches(config: TrainConfig) -> grain.DatasetIterator:
     """The validation split in file order, its own task mix; every evaluation reads the same first
     `eval.batches` batches."""
-    return process_batches(config, config.data.valid_split, shuffle=False, task_weights={})
+    part = _preference_parts(config) if config.stage == "preference" else _packed_parts(config, {})
+    return _process_batches(config, config.data.valid_split, False, part)

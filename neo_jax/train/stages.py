@@ -81,7 +81,7 @@ class StagePlan:
     lora: LoraConfig
 
     def is_trainable(self, path: Path) -> bool:
-        if self.stage == "instruct" and not self.lora.rank:
+        if self.stage == "preference" or (self.stage == "instruct" and not self.lora.rank):
             return True
         return path[0] in TOKEN_TABLES
 
@@ -129,7 +129,7 @@ def make_plan(stage: str, lora: LoraConfig, layout: VocabLayout | None) -> Stage
     unknown = [name for name in lora.targets if name not in LORA_INPUT_AXES]
     if lora.rank and unknown:
         raise UserError(f"lora.targets: {unknown} are not projection kernels; choose from {list(LORA_INPUT_AXES)}")
-    full_rows = stage == "instruct" and not lora.rank
+    full_rows = stage == "preference" or (stage == "instruct" and not lora.rank)
     return StagePlan(stage, None if full_rows else learned_token_rows(layout), lora)
 
 

@@ -49,6 +49,7 @@ from neo_jax.model.extend_vocab import extend_vocab
 from neo_jax.model.loss import HistoryPenalty
 from neo_jax.sharding import create_sharded, make_mesh, state_shardings
 from neo_jax.tasks.builders import read_examples
+from neo_jax.tasks.preference import preference_layout
 from neo_jax.tokenizer import LAYOUT_FILE, MixedTokenizer
 from neo_jax.train import distributed
 from neo_jax.train.checkpointing import PreemptionWatch, TrainCheckpoints, abstract_like
@@ -190,6 +191,7 @@ class _Run:
     """What the loop works with, once set up."""
 
     config: TrainConfig
+    mesh: Mesh
     graphdef: nnx.GraphDef
     plan: StagePlan
     layout: VocabLayout
@@ -264,17 +266,20 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     plan = state_layout.plan
     steps = make_steps(state_layout.graphdef, plan, state_layout.tx, state_layout.masks,
                        learning_rate_schedule(config.optimizer, config.steps), config.grad_accum_steps, shardings,
-                       mesh, config.dropout, config.seed, unlikelihood, config.optimizer.ema_decay, config.loss_chunk)
+                       mesh, config.dropout, config.seed, unlikelihood, config.optimizer.ema_decay, config.loss_chunk,
+                       config.preference if config.stage == "preference" else None)
     flops_per_token = train_flops_per_token(matmul_params(state_layout.abstract_params), model_config.num_layers,
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
-    throughput = _Throughput(config.batch_size * config.seq_len, flops_per_token, peak)
-    return _Run(config, state_layout.graphdef, plan, layout, steps, state, start_step, data, valid_batches, checkpoints,
+    rows = config.batch_size * (preference_layout(config.data.records_dir)["candidates"]
+                                if config.stage == "preference" else 1)  # a preference group has a row a candidate
+    throughput = _Throughput(rows * config.seq_len, flops_per_token, peak)
+    return _Run(config, mesh, state_layout.graphdef, plan, layout, steps, state, start_step, data, valid_batches, checkpoints,
                 throughput, hooks, jax.jit(plan.params))
 
 
 def _global_batch(run: _Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return distributed.global_batch(local, run.steps.batch_sharding)
+    return distributed.global_batch(local, run.mesh)
 
 
 def _host_value(replicated: jax.Array) -> float:
@@ -283,7 +288,8 @@ def _host_value(replicated: jax.Array) -> float:
 
 
 def validation_loss(run: _Run) -> float:
-    """Completion-token loss over the first `eval.batches` validation batches (the same every time)."""
+    """Completion-token loss (the preference stage: softmax-DPO loss per group) over the first
+    `eval.batches` validation batches (the same every time)."""
     loss_sum = weight = 0.0
     for batch in run.valid_batches:
         batch_loss_sum, batch_weight = run.steps.eval(run.state, _global_batch(run, batch))

@@ -1,0 +1,270 @@
+"""`neo-jax align`: preference alignment of a fine-tuned recommender, Align3GR's progressive
+self-play softmax-DPO: easy negatives, then medium, then hard, each stage's model the next one's
+reference.
+
+    neo-jax align --config configs/align_beauty.yaml [KEY=VALUE ...]
+    neo-jax align init=RUN/train/best data=DATA_DIR sids=SIDS_DIR out=runs/align [stages=[easy,hard]]
+
+`init` is a model fine-tuned on window examples (`neo-jax bench rec`'s `OUT/train/best`, or a
+`neo-jax train` run's `final`) with its tokenizer inside; `data` and `sids` are the dataset and
+the `neo-jax sids build` directory it was trained on. Each stage, in `stages` order, works in
+`OUT/<n>_<bin>/`:
+1. negatives: the stage's reference model (the model before the stage) ranks a seeded sample of
+   `users` training users by constrained beam search (`beams`). The prompt is the user's newest
+   training item's: the evaluation layout (`neo_jax.tasks.builders.TaskBuilder.window_eval`) over the
+   training items before it; the chosen completion is that item's SID. The beams other than the
+   chosen one are binned by the SID prefix they share with it (`neo_jax.train.self_play`); the
+   stage's bin gives up to `rejected` rejected items, and a user whose beams hold none of them is
+   left out of the stage. The same for `valid_users` validation users gives the validation loss.
+2. reference: the reference model's log-probability of every completion, stored in the
+   preference records (`neo_jax.tasks.preference`, `records/`, written by one rename).
+3. train: a `neo-jax train` run of stage `preference` from the reference model, `epochs` passes
+   over the groups (`train/`, resumable: checkpoints as in every stage).
+4. evaluate: Recall/NDCG@10 of the trained model on `eval_users` seeded validation users
+   (`result.json`).
+A stage with its `result.json` is skipped, so running the command again resumes where it stopped.
+Prints one JSON object (also `OUT/result.json`): the validation metrics of the starting model and
+after each stage, with each stage's groups, rejected items per group and last DPO loss and accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from neo_jax.atomic import atomic_write_text
+from neo_jax.config import MeshConfig, add_config_arguments, load_config, to_dict
+from neo_jax.data.loaders import load_dataset
+from neo_jax.data.splits import LeaveOneOutSplit, SequenceExample, leave_one_out
+from neo_jax.decode.commands import load_generator
+from neo_jax.decode.generate import Generator
+from neo_jax.errors import UserError
+from neo_jax.eval.recommend import evaluate_recommendations, rank_examples, sample_examples, target_rows
+from neo_jax.json_file import read_json_object
+from neo_jax.model import Decoder
+from neo_jax.model.preference import candidate_log_probs
+from neo_jax.run_steps import StageSettings, say, train_stage
+from neo_jax.sharding import make_mesh
+from neo_jax.tasks.builders import TaskBuilder, TaskConfig, TaskExample, build_eval_examples, load_sid_map
+from neo_jax.tasks.preference import (PREFERENCE_KEYS, PreferenceExample, preference_features,
+                                      write_preference_records)
+from neo_jax.train.self_play import DIFFICULTY_BINS, bin_negatives
+from neo_jax.train.monitor import read_metrics
+
+PREFIX = "align"
+RESULT_FILE = "result.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    init: str = ""  # the fine-tuned model (its tokenizer inside)
+    data: str = ""  # the dataset directory it was trained on
+    sids: str = ""  # its `neo-jax sids build` directory
+    out: str = "runs/align"
+    stages: tuple[str, ...] = DIFFICULTY_BINS  # bins of `neo_jax.train.self_play.DIFFICULTY_BINS`, in order
+    window: int = 20  # history items per prompt + 1, as the model was trained (`neo-jax data tasks --window`)
+    users: int = 4000  # training users mined per stage (0: all)
+    valid_users: int = 500  # validation users mined per stage, for the validation DPO loss
+    eval_users: int = 2000  # validation users of the Recall/NDCG evaluation after each stage (0: all)
+    beams: int = 20
+    rejected: int = 4  # rejected items per group, at most
+    epochs: float = 1.0  # passes over a stage's groups
+    batch_size: int = 16  # groups per step
+    seq_len: int = 256
+    learning_rate: float = 3e-5
+    beta: float = 1.0
+    chosen_nll: float = 1.0  # weight of the chosen completion's negative log-likelihood
+    eval_batch_size: int = 64
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in DIFFICULTY_BINS]
+        if unknown or not self.stages:
+            raise UserError(f"stages: {unknown or 'none'}; choose from {list(DIFFICULTY_BINS)}, in the order to train")
+        for name in ("users", "valid_users", "eval_users"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be 0 (all) or positive, got {getattr(self, name)}")
+        if self.valid_users == 0:
+            raise UserError("valid_users must be positive: the validation DPO loss needs groups")
+        if self.rejected < 1 or self.beams < max(self.rejected + 1, 10) or self.window < 2:
+            raise UserError(f"rejected must be >= 1, beams >= max(rejected + 1, 10) and window >= 2; got rejected "
+                            f"{self.rejected}, beams {self.beams}, window {self.window}")
+        if self.epochs <= 0 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise UserError(f"epochs, batch_size and learning_rate must be positive, got {self.epochs}, "
+                            f"{self.batch_size} and {self.learning_rate}")
+
+
+def newest_training_examples(split: LeaveOneOutSplit) -> list[SequenceExample]:
+    """Per user with two training items or more: the newest training item after the ones before it."""
+    return [SequenceExample(user, sequence[:-1], int(sequence[-1]), len(sequence) - 1)
+            for user, sequence in enumerate(split.train_sequences) if len(sequence) >= 2]
+
+
+def mine_groups(generator: Generator, examples: Sequence[TaskExample], sids: Sequence[str], difficulty: int,
+                rejected: int, beams: int, batch_size: int) -> list[tuple[TaskExample, list[str]]]:
+    """`(example, rejected SIDs)` for each example whose beams hold items of bin `difficulty` other
+    than its target: the first `rejected` of them in beam order. `sids[row]` is a catalog row's SID."""
+    targets = target_rows(examples, generator)  # [examples]
+    ranked = rank_examples(generator, examples, beams, batch_size)  # [examples, beams]
+    binned = bin_negatives(ranked, targets, generator.sids.trie.codes)[:, difficulty, :rejected]  # [examples, rejected]
+    return [(example, [sids[row] for row in rows if row >= 0])
+            for example, rows in zip(examples, binned.tolist()) if rows[0] >= 0]
+
+
+def preference_examples(groups: Sequence[tuple[TaskExample, list[str]]], generator: Generator, seq_len: int,
+                        batch_size: int) -> list[PreferenceExample]:
+    """The groups tokenized as the decoder sees them (`[bos] + prompt`, each SID's tokens), with the
+    generator's model's log-probability of every completion as the reference."""
+    tokenizer = generator.tokenizer
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    examples = [PreferenceExample(e.task, e.entity_type, e.output_format,
+                                  np.asarray(bos + tokenizer.encode(e.prompt), np.int32),
+                                  tuple(np.asarray(tokenizer.encode(c), np.int32) for c in [e.completion, *rejected]),
+                                  np.zeros(1 + len(rejected), np.float32)) for e, rejected in groups]
+    return scored_by(generator.model, examples, seq_len, batch_size)
+
+
+def scored_by(model: Decoder, examples: Sequence[PreferenceExample], seq_len: int,
+              batch_size: int) -> list[PreferenceExample]:
+    """`examples` with `model`'s log-probability of each completion as their reference."""
+    candidates = max(len(e.completions) for e in examples)
+    graphdef, state = nnx.split(model)
+    score = jax.jit(lambda state, batch: candidate_log_probs(nnx.merge(graphdef, state), batch))
+    scored = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        features = [preference_features(e.to_bytes(), seq_len, candidates) for e in chunk]
+        features += [features[-1]] * (batch_size - len(chunk))  # one shape for every batch
+        batch = {key: np.stack([f[key] for f in features]) for key in PREFERENCE_KEYS}
+        log_probs = np.asarray(score(state, batch))[:len(chunk)]  # [groups, candidates]
+        scored += [dataclasses.replace(e, reference=log_probs[i, :len(e.completions)].astype(np.float32))
+                   for i, e in enumerate(chunk)]
+    return scored
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What every stage draws on: the mined and evaluated examples, every catalog row's SID."""
+
+    train: list[TaskExample]  # the training users' prompts (a seeded sample)
+    valid: list[TaskExample]  # validation users for the validation DPO loss
+    evaluation: list[TaskExample]  # validation users for Recall/NDCG
+    sids: list[str]  # catalog row -> SID text
+
+
+def _inputs(config: AlignConfig) -> _Inputs:
+    dataset = load_dataset(config.data)
+    sid_map = load_sid_map(Path(config.sids) / "sids.tsv", dataset.catalog)
+    split = leave_one_out(dataset.interactions.sequences())
+    tasks = TaskConfig(tasks=("recommend",), window=config.window, seed=config.seed)
+    builder = TaskBuilder(dataset.catalog, sid_map, tasks, np.random.default_rng(config.seed))
+    train = build_eval_examples(dataset, newest_training_examples(split), sid_map, tasks)
+    valid = build_eval_examples(dataset, split.valid, sid_map, tasks)
+    if not train or not valid:
+        raise UserError(f"data: {config.data} has no user with two training items and a validation item")
+    return _Inputs(sample_examples(train, config.users, config.seed),
+                   sample_examples(valid, config.valid_users, config.seed + 1),
+                   sample_examples(valid, config.eval_users, config.seed), [builder.sid(r) for r in range(len(dataset.catalog))])
+
+
+def _write_records(config: AlignConfig, inputs: _Inputs, reference: Path, difficulty: int, stage_dir: Path) -> dict:
+    """Mine the stage's groups with the reference model and write them, scored, to `stage_dir/records`."""
+    records = stage_dir / "records"
+    summary_path = records / "summary.json"
+    if summary_path.is_file():
+        return read_json_object(summary_path)
+    generator = load_generator(reference, config.sids, make_mesh(config.mesh))
+    tmp = stage_dir / ".records.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = {}
+    for split, examples in (("train", inputs.train), ("valid", inputs.valid)):
+        groups = mine_groups(generator, examples, inputs.sids, difficulty, config.rejected, config.beams,
+                             config.eval_batch_size)
+        if not groups:
+            raise UserError(f"stage {DIFFICULTY_BINS[difficulty]}: the reference model's beams hold no "
+                            f"{DIFFICULTY_BINS[difficulty]} negative for any of the {len(examples)} {split} users")
+        scored = preference_examples(groups, generator, config.seq_len, config.eval_batch_size)
+        summary[split] = {"users": len(examples), **write_preference_records(scored, tmp, split)}
+        say(PREFIX, f"{DIFFICULTY_BINS[difficulty]} {split}: {len(groups)} of {len(examples)} users have "
+                    f"negatives; {summary[split]['rejected'] / len(groups):.2f} rejected a group")
+    atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
+    tmp.rename(records)
+    return summary
+
+
+def _evaluate(config: AlignConfig, model_dir: Path, examples: Sequence[TaskExample]) -> dict[str, float]:
+    generator = load_generator(model_dir, config.sids, make_mesh(config.mesh))
+    metrics = evaluate_recommendations(generator, examples, beams=config.beams, batch_size=config.eval_batch_size,
+                                       ks=(1, 5, 10, 20), show_progress=False)
+    return {key: value for key, value in metrics.items() if key.startswith(("recall@", "ndcg@"))}
+
+
+def _last_training_metrics(run_dir: Path) -> dict[str, float]:
+    """The last logged DPO loss and accuracy, and the last validation DPO loss, of a stage."""
+    last: dict[str, float] = {}
+    for record in read_metrics(run_dir):
+        last.update({key: record[key] for key in ("loss", "accuracy", "chosen_nll", "valid_loss") if key in record})
+    return last
+
+
+def run_align(config: AlignConfig) -> dict:
+    for name in ("init", "data", "sids"):
+        if not getattr(config, name) or not Path(getattr(config, name)).is_dir():
+            raise UserError(f"{name}: {getattr(config, name)!r} is not a directory")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "align_config.json", json.dumps(to_dict(config), indent=2))
+    inputs = _inputs(config)
+    start_path = out / "start.json"
+    if not start_path.is_file():
+        atomic_write_text(start_path, json.dumps(_evaluate(config, Path(config.init), inputs.evaluation)))
+    rows = [{"stage": "fine-tuned", "model": config.init, "valid": read_json_object(start_path)}]
+    say(PREFIX, f"fine-tuned: valid {rows[0]['valid']}")
+    reference = Path(config.init)
+    for index, stage in enumerate(config.stages, start=1):
+        stage_dir = out / f"{index}_{stage}"
+        result_path = stage_dir / RESULT_FILE
+        if not result_path.is_file():
+            stage_dir.mkdir(exist_ok=True)
+            records = _write_records(config, inputs, reference, DIFFICULTY_BINS.index(stage), stage_dir)
+            steps = max(1, math.ceil(config.epochs * records["train"]["examples"] / config.batch_size))
+            settings = StageSettings(stage="preference", steps=steps, learning_rate=config.learning_rate,
+                                     batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
+                                     mesh=config.mesh, warmup_steps=max(1, steps // 10), evaluations=2,
+                                     eval_batches=max(1, records["valid"]["examples"] // config.batch_size),
+                                     preference={"beta": config.beta, "chosen_nll": config.chosen_nll})
+            model = train_stage(PREFIX, stage_dir / "train", settings, {"checkpoint": str(reference)},
+                                stage_dir / "records", reference / "tokenizer")
+            result = {"stage": stage, "model": str(model), "reference": str(reference), "steps": steps,
+                      "groups": records["train"]["examples"],
+                      "rejected_per_group": records["train"]["rejected"] / records["train"]["examples"],
+                      "training": _last_training_metrics(stage_dir / "train"),
+                      "valid": _evaluate(config, model, inputs.evaluation)}
+            atomic_write_text(result_path, json.dumps(result, indent=2))
+        row = read_json_object(result_path)
+        say(PREFIX, f"{stage}: valid {row['valid']}")
+        rows.append(row)
+        reference = Path(row["model"])
+    summary = {"init": config.init, "eval_users": len(inputs.evaluation), "beams": config.beams, "stages": rows}
+    atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2))
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, __doc__, "a YAML file of settings (e.g. configs/align_beauty.yaml)",
+                         "settings, e.g. init=runs/bench_rec/beauty/train/best stages=[easy] users=2000")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(json.dumps(run_align(load_config(AlignConfig, args.config, args.overrides))))
+    return 0

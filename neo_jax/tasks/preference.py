@@ -1,0 +1,153 @@
+"""Preference records: one prompt, its chosen completion and N rejected ones, as ArrayRecord shards,
+and the grain pipeline that batches them for the softmax-DPO stage (`neo_jax.model.preference`).
+
+One record is one UTF-8 JSON object: `task`, `entity_type`, `output_format`, the token ids of the
+`prompt` (bos included) and of each completion in `completions` (the chosen one first, then the
+rejected ones), and `reference`, the reference model's summed log-probability of each completion
+after the prompt, computed once when the stage's records are written (`neo_jax.align`). Keeping the
+reference as numbers rather than as a second model costs 4 bytes a completion instead of a second
+copy of the weights (and its forward pass) on every device; the reference model cannot change during
+a stage because it is not there.
+
+A batch is fixed-shape, nothing packed: `[groups, candidates, seq_len]` where `candidates` is one
+chosen plus the most rejected any record of the directory has (`PREFERENCE_FILE`), each candidate its
+own row `prompt + completion`:
+- `tokens`, `targets` int32 `[groups, candidates, seq_len]`: input ids and the next token;
+- `loss_mask` float32: 1.0 where the target is a completion token (whose log-probabilities sum to
+  the candidate's sequence log-probability), else 0.0;
+- `segment_ids` int32: 1 on real tokens, 0 on padding (and on an empty candidate slot);
+- `positions` int32: 0, 1, ... along the row;
+- `candidates` bool `[groups, candidates]`: the slot holds a completion (slot 0, the chosen, always);
+- `reference` float32 `[groups, candidates]`: the reference log-probabilities, 0 in empty slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from neo_jax.atomic import atomic_write_text
+from neo_jax.errors import UserError
+from neo_jax.json_file import read_json_object
+from neo_jax.tasks.pipeline import shard_records
+from neo_jax.tasks.records import WRITER_OPTIONS, shard_paths
+
+PREFERENCE_FILE = "preference.json"  # in a preference records directory: {"candidates", "max_length", splits}
+PREFERENCE_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "candidates", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceExample:
+    task: str
+    entity_type: str
+    output_format: str
+    prompt: np.ndarray  # [prompt_len] int32, bos included
+    completions: tuple[np.ndarray, ...]  # each [completion_len] int32: the chosen, then the rejected
+    reference: np.ndarray  # [completions] float32: the reference model's log p(completion | prompt)
+
+    def __post_init__(self):
+        if len(self.completions) < 2:
+            raise UserError(f"a preference example needs a chosen and at least one rejected completion, "
+                            f"got {len(self.completions)} completion(s)")
+        if self.reference.shape != (len(self.completions),):
+            raise UserError(f"a preference example needs one reference log-probability per completion: "
+                            f"{len(self.completions)} completions, reference shape {self.reference.shape}")
+
+    @property
+    def length(self) -> int:
+        """Tokens of its longest row, prompt + completion."""
+        return self.prompt.size + max(c.size for c in self.completions)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"task": self.task, "entity_type": self.entity_type, "output_format": self.output_format,
+                           "prompt": self.prompt.tolist(), "completions": [c.tolist() for c in self.completions],
+                           "reference": [float(r) for r in self.reference]}).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "PreferenceExample":
+        record = json.loads(data)
+        return cls(record["task"], record["entity_type"], record["output_format"],
+                   np.asarray(record["prompt"], np.int32),
+                   tuple(np.asarray(c, np.int32) for c in record["completions"]),
+                   np.asarray(record["reference"], np.float32))
+
+
+def write_preference_records(examples: Iterable[PreferenceExample], directory: str | Path, split: str,
+                             num_shards: int = 1) -> dict:
+    """Write `examples` round-robin into `num_shards` ArrayRecord files of `split` in `directory` and
+    merge the split's counts into `PREFERENCE_FILE` there; returns the split's summary."""
+    if num_shards < 1:
+        raise UserError(f"num_shards must be positive, got {num_shards}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    writers = [ArrayRecordWriter(str(p), WRITER_OPTIONS) for p in shard_paths(directory, split, num_shards)]
+    count = candidates = longest = rejected = 0
+    try:
+        for count, example in enumerate(examples, start=1):
+            writers[(count - 1) % num_shards].write(example.to_bytes())
+            candidates, longest = max(candidates, len(example.completions)), max(longest, example.length)
+            rejected += len(example.completions) - 1
+    finally:
+        for writer in writers:
+            writer.close()
+    summary = {"examples": count, "rejected": rejected, "candidates": candidates, "max_length": longest}
+    path = directory / PREFERENCE_FILE
+    saved = read_json_object(path) if path.is_file() else {"splits": {}}
+    saved["splits"][split] = summary
+    saved["candidates"] = max(s["candidates"] for s in saved["splits"].values())
+    saved["max_length"] = max(s["max_length"] for s in saved["splits"].values())
+    atomic_write_text(path, json.dumps(saved, indent=2))
+    return summary
+
+
+def preference_layout(directory: str | Path) -> dict:
+    """`PREFERENCE_FILE` of a preference records directory: its `candidates` and `max_length`."""
+    path = Path(directory) / PREFERENCE_FILE
+    if not path.is_file():
+        raise UserError(f"{directory}: no {PREFERENCE_FILE}; preference records are written by `neo-jax align`")
+    return read_json_object(path)
+
+
+def preference_features(record: bytes, seq_len: int, candidates: int) -> dict[str, np.ndarray]:
+    """One serialized `PreferenceExample` as fixed-shape features (see the module docstring)."""
+    example = PreferenceExample.from_bytes(record)
+    if len(example.completions) > candidates:
+        raise UserError(f"a preference record has {len(example.completions)} completions, more than the "
+                        f"{candidates} candidates of its directory's {PREFERENCE_FILE}")
+    if example.length > seq_len + 1:
+        raise UserError(f"a preference record ({example.task}) is {example.length} tokens, prompt and longest "
+                        f"completion; seq_len {seq_len} holds {seq_len + 1}: raise seq_len")
+    shape = (candidates, seq_len)
+    features = {"tokens": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32),
+                "loss_mask": np.zeros(shape, np.float32), "segment_ids": np.zeros(shape, np.int32),
+                "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy(),
+                "candidates": np.zeros(candidates, bool), "reference": np.zeros(candidates, np.float32)}
+    for slot, completion in enumerate(example.completions):
+        sequence = np.concatenate([example.prompt, completion])  # [len + 1]
+        length = sequence.size - 1
+        features["tokens"][slot, :length] = sequence[:-1]
+        features["targets"][slot, :length] = sequence[1:]
+        features["loss_mask"][slot, example.prompt.size - 1:length] = 1.0
+        features["segment_ids"][slot, :length] = 1
+        features["candidates"][slot] = True
+        features["reference"][slot] = example.reference[slot]
+    return features
+
+
+def make_preference_dataset(paths: Sequence[str], seq_len: int, candidates: int, batch_size: int, seed: int,
+                            shuffle: bool = True, shard_index: int = 0, shard_count: int = 1,
+                            read_threads: int = 2, prefetch_batches: int = 2) -> grain.IterDataset:
+    """Endless `[batch_size, ...]` batches of the preference records of shard `shard_index` of
+    `shard_count`, in a seeded order that changes every epoch (`shuffle`) or as written."""
+    records = shard_records(paths, shard_index, shard_count)
+    records = (records.shuffle(seed=seed) if shuffle else records).repeat()
+    batches = (records.map(lambda record: preference_features(record, seq_len, candidates))
+               .to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
+               .batch(batch_size, drop_remainder=True))
+    return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch_batches)
