@@ -1,6 +1,6 @@
 """`neo-jax align`: preference alignment of a fine-tuned recommender, Align3GR's progressive
-self-play softmax-DPO: easy negatives, then medium, then hard, each stage's model the next one's
-reference.
+softmax-DPO: self-play negatives easy, then medium, then hard, then real negative feedback, each
+stage's model the next one's reference.
 
     neo-jax align --config configs/align_beauty.yaml [KEY=VALUE ...]
     neo-jax align init=RUN/train/best data=DATA_DIR sids=SIDS_DIR out=runs/align [stages=[easy,hard]]
@@ -15,7 +15,9 @@ the `neo-jax sids build` directory it was trained on. Each stage, in `stages` or
    training items before it; the chosen completion is that item's SID. The beams other than the
    chosen one are binned by the SID prefix they share with it (`neo_jax.train.self_play`); the
    stage's bin gives up to `rejected` rejected items, and a user whose beams hold none of them is
-   left out of the stage. The same for `valid_users` validation users gives the validation loss.
+   left out of the stage. The `disliked` stage takes instead the items of the asked type the user
+   gave negative feedback (the data's feedback field) before the chosen item, newest first: real
+   negatives, never mined. The same for `valid_users` validation users gives the validation loss.
 2. reference: the reference model's log-probability of every completion, stored in the
    preference records (`neo_jax.tasks.preference`, `records/`, written by one rename).
 3. train: a `neo-jax train` run of stage `preference` from the reference model, `epochs` passes
@@ -62,6 +64,8 @@ from neo_jax.train.monitor import read_metrics
 
 PREFIX = "align"
 RESULT_FILE = "result.json"
+FEEDBACK_STAGES = ("disliked",)  # real negative feedback, after the self-play bins
+STAGES = (*DIFFICULTY_BINS, *FEEDBACK_STAGES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +74,7 @@ class AlignConfig:
     data: str = ""  # the dataset directory it was trained on
     sids: str = ""  # its `neo-jax sids build` directory
     out: str = "runs/align"
-    stages: tuple[str, ...] = DIFFICULTY_BINS  # bins of `neo_jax.train.self_play.DIFFICULTY_BINS`, in order
+    stages: tuple[str, ...] = DIFFICULTY_BINS  # of `STAGES`, in the order to train
     window: int = 20  # history items per prompt + 1, as the model was trained (`neo-jax data tasks --window`)
     users: int = 4000  # training users mined per stage (0: all)
     valid_users: int = 500  # validation users mined per stage, for the validation DPO loss
@@ -88,9 +92,9 @@ class AlignConfig:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        unknown = [s for s in self.stages if s not in DIFFICULTY_BINS]
+        unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
-            raise UserError(f"stages: {unknown or 'none'}; choose from {list(DIFFICULTY_BINS)}, in the order to train")
+            raise UserError(f"stages: {unknown or 'none'}; choose from {list(STAGES)}, in the order to train")
         for name in ("users", "valid_users", "eval_users"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 (all) or positive, got {getattr(self, name)}")
@@ -153,11 +157,32 @@ def scored_by(model: Decoder, examples: Sequence[PreferenceExample], seq_len: in
 
 
 @dataclasses.dataclass
-class _Inputs:
-    """What every stage draws on: the mined and evaluated examples, every catalog row's SID."""
+class _Users:
+    """Seeded users of one split: their prompts (the chosen item the completion) and the catalog rows
+    of the asked type they gave negative feedback before the chosen item, newest first."""
 
-    train: list[TaskExample]  # the training users' prompts (a seeded sample)
-    valid: list[TaskExample]  # validation users for the validation DPO loss
+    examples: list[TaskExample]
+    disliked: list[list[int]]
+    user_indices: list[int]  # into the interactions' user_ids
+
+
+def _users(dataset, picked: list[SequenceExample], sid_map, tasks: TaskConfig) -> _Users:
+    cutoffs = np.zeros(dataset.interactions.num_users, np.int64)  # positives before each user's chosen item
+    for e in picked:
+        cutoffs[e.user] = e.position
+    negatives = dataset.interactions.negatives_before(cutoffs.tolist())  # per user, oldest first
+    catalog = dataset.catalog
+    disliked = [[int(r) for r in negatives[e.user][::-1]
+                 if r != e.target and catalog.item_types[r] == catalog.item_types[e.target]] for e in picked]
+    return _Users(build_eval_examples(dataset, picked, sid_map, tasks), disliked, [e.user for e in picked])
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What every stage draws on: the mined and evaluated users, every catalog row's SID."""
+
+    train: _Users  # training users (the prompt of their newest training item)
+    valid: _Users  # validation users for the validation DPO loss
     evaluation: list[TaskExample]  # validation users for Recall/NDCG
     sids: list[str]  # catalog row -> SID text
 
@@ -168,17 +193,29 @@ def _inputs(config: AlignConfig) -> _Inputs:
     split = leave_one_out(dataset.interactions.sequences())
     tasks = TaskConfig(tasks=("recommend",), window=config.window, seed=config.seed)
     builder = TaskBuilder(dataset.catalog, sid_map, tasks, np.random.default_rng(config.seed))
-    train = build_eval_examples(dataset, newest_training_examples(split), sid_map, tasks)
-    valid = build_eval_examples(dataset, split.valid, sid_map, tasks)
-    if not train or not valid:
+    newest = newest_training_examples(split)
+    if not newest or not split.valid:
         raise UserError(f"data: {config.data} has no user with two training items and a validation item")
-    return _Inputs(sample_examples(train, config.users, config.seed),
-                   sample_examples(valid, config.valid_users, config.seed + 1),
-                   sample_examples(valid, config.eval_users, config.seed), [builder.sid(r) for r in range(len(dataset.catalog))])
+    return _Inputs(_users(dataset, sample_examples(newest, config.users, config.seed), sid_map, tasks),
+                   _users(dataset, sample_examples(split.valid, config.valid_users, config.seed + 1), sid_map, tasks),
+                   build_eval_examples(dataset, sample_examples(split.valid, config.eval_users, config.seed),
+                                       sid_map, tasks),
+                   [builder.sid(r) for r in range(len(dataset.catalog))])
 
 
-def _write_records(config: AlignConfig, inputs: _Inputs, reference: Path, difficulty: int, stage_dir: Path) -> dict:
-    """Mine the stage's groups with the reference model and write them, scored, to `stage_dir/records`."""
+def _groups(config: AlignConfig, stage: str, users: _Users, generator: Generator,
+            sids: list[str]) -> list[tuple[TaskExample, list[str]]]:
+    """The stage's `(example, rejected SIDs)`: mined from the generator's beams (a self-play bin) or
+    the users' negative feedback (`disliked`)."""
+    if stage in DIFFICULTY_BINS:
+        return mine_groups(generator, users.examples, sids, DIFFICULTY_BINS.index(stage), config.rejected,
+                           config.beams, config.eval_batch_size)
+    return [(example, [sids[r] for r in rows[:config.rejected]])
+            for example, rows in zip(users.examples, users.disliked) if rows]
+
+
+def _write_records(config: AlignConfig, inputs: _Inputs, reference: Path, stage: str, stage_dir: Path) -> dict:
+    """The stage's groups, scored by the reference model, written to `stage_dir/records`."""
     records = stage_dir / "records"
     summary_path = records / "summary.json"
     if summary_path.is_file():
@@ -187,16 +224,16 @@ def _write_records(config: AlignConfig, inputs: _Inputs, reference: Path, diffic
     tmp = stage_dir / ".records.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     summary = {}
-    for split, examples in (("train", inputs.train), ("valid", inputs.valid)):
-        groups = mine_groups(generator, examples, inputs.sids, difficulty, config.rejected, config.beams,
-                             config.eval_batch_size)
+    for split, users in (("train", inputs.train), ("valid", inputs.valid)):
+        groups = _groups(config, stage, users, generator, inputs.sids)
         if not groups:
-            raise UserError(f"stage {DIFFICULTY_BINS[difficulty]}: the reference model's beams hold no "
-                            f"{DIFFICULTY_BINS[difficulty]} negative for any of the {len(examples)} {split} users")
+            source = "beams" if stage in DIFFICULTY_BINS else "negative feedback"
+            raise UserError(f"stage {stage}: none of the {len(users.examples)} {split} users has a {stage} negative "
+                            f"(from the reference model's {source}); leave the stage out of `stages`")
         scored = preference_examples(groups, generator, config.seq_len, config.eval_batch_size)
-        summary[split] = {"users": len(examples), **write_preference_records(scored, tmp, split)}
-        say(PREFIX, f"{DIFFICULTY_BINS[difficulty]} {split}: {len(groups)} of {len(examples)} users have "
-                    f"negatives; {summary[split]['rejected'] / len(groups):.2f} rejected a group")
+        summary[split] = {"users": len(users.examples), **write_preference_records(scored, tmp, split)}
+        say(PREFIX, f"{stage} {split}: {len(groups)} of {len(users.examples)} users have negatives; "
+                    f"{summary[split]['rejected'] / len(groups):.2f} rejected a group")
     atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
     tmp.rename(records)
     return summary
@@ -236,7 +273,7 @@ def run_align(config: AlignConfig) -> dict:
         result_path = stage_dir / RESULT_FILE
         if not result_path.is_file():
             stage_dir.mkdir(exist_ok=True)
-            records = _write_records(config, inputs, reference, DIFFICULTY_BINS.index(stage), stage_dir)
+            records = _write_records(config, inputs, reference, stage, stage_dir)
             steps = max(1, math.ceil(config.epochs * records["train"]["examples"] / config.batch_size))
             settings = StageSettings(stage="preference", steps=steps, learning_rate=config.learning_rate,
                                      batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,

@@ -13,11 +13,12 @@ import grain
 import numpy as np
 import pytest
 
-from neo_jax.align import AlignConfig, run_align, scored_by
+from neo_jax.align import AlignConfig, _inputs, run_align, scored_by
 from neo_jax.bench.rec import RecBenchConfig, run_bench
 from neo_jax.cli import main
 from neo_jax.config import MeshConfig, load_config
 from neo_jax.data.loaders import load_dataset
+from neo_jax.data.schema import NEGATIVE, POSITIVE
 from neo_jax.checkpoint import load_model
 from neo_jax.errors import UserError
 from neo_jax.sharding import make_mesh
@@ -33,7 +34,7 @@ BENCH = ["steps=40", "batch_size=8", "seq_len=128", "window=6", "beams=10", "ks=
          "model.num_layers=1", "model.head_dim=8", "embedding.text_encoder=hashed_tfidf", "embedding.text.dim=32",
          "embedding.collab.epochs=1", "embedding.collab.dim=8", "sids.codebook_sizes=[8,8]",
          "sids.type_codebook_sizes={brand: [8], creator: [8]}", "baselines=[]", "evaluations=2"]
-STAGES = ("easy", "medium")
+STAGES = ("easy", "medium", "disliked")
 
 
 def align_settings(root: Path) -> list[str]:
@@ -76,7 +77,7 @@ def test_mined_negatives_are_catalog_items_of_the_asked_type_in_their_bin_never_
     sid_map = load_sid_map(root / "bench" / "sids" / "sids.tsv", dataset.catalog)
     tokenizer = MixedTokenizer.load(root / "bench" / "tokenizer")
     row_of_tokens = {tuple(tokenizer.encode(format_sid(entity, codes))): row for row, (entity, codes) in sid_map.items()}
-    for index, stage in enumerate(STAGES, start=1):
+    for index, stage in enumerate(STAGES[:2], start=1):  # the self-play stages
         for split in ("train", "valid"):
             groups = stage_groups(root, index, stage, split)
             assert groups
@@ -92,6 +93,34 @@ def test_mined_negatives_are_catalog_items_of_the_asked_type_in_their_bin_never_
                             break
                         shared += 1
                     assert min(shared, len(DIFFICULTY_BINS) - 1) == DIFFICULTY_BINS.index(stage)
+
+
+def test_the_disliked_stage_rejects_the_users_own_negative_feedback_from_before_the_chosen_item(aligned):
+    root, _ = aligned
+    dataset = load_dataset(root / "data")
+    interactions = dataset.interactions
+    config = load_config(AlignConfig, None, align_settings(root))
+    users = _inputs(config).train
+    tokenizer = MixedTokenizer.load(root / "bench" / "tokenizer")
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    written = {tuple(g.prompt.tolist()): [tokenizer.decode(c.tolist()) for c in g.completions]
+               for g in stage_groups(root, 3, "disliked")}
+    sid_rows = {sid: row for row, sid in enumerate(_inputs(config).sids)}
+    checked = 0
+    for example, user in zip(users.examples, users.user_indices):
+        completions = written.get(tuple(bos + tokenizer.encode(example.prompt)))
+        if completions is None:
+            continue
+        chosen, *rejected = [sid_rows[c] for c in completions]
+        events = np.flatnonzero(interactions.users == user)
+        chosen_time = interactions.timestamps[events[(interactions.items[events] == chosen)
+                                                     & (interactions.feedback[events] == POSITIVE)]].max()
+        for row in rejected:
+            assert row != chosen and dataset.catalog.type_name(row) == example.entity_type
+            mine = events[(interactions.items[events] == row) & (interactions.feedback[events] == NEGATIVE)]
+            assert mine.size and interactions.timestamps[mine].min() <= chosen_time
+        checked += 1
+    assert checked == len(written) > 0
 
 
 def test_the_stored_reference_is_the_reference_models_own_after_the_stage(aligned):
