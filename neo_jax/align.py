@@ -119,7 +119,7 @@ def mine_groups(generator: Generator, examples: Sequence[TaskExample], sids: Seq
     """`(example, rejected SIDs)` for each example whose beams hold items of bin `difficulty` other
     than its target: the first `rejected` of them in beam order. `sids[row]` is a catalog row's SID."""
     targets = target_rows(examples, generator)  # [examples]
-    ranked = rank_examples(generator, examples, beams, batch_size)  # [examples, beams]
+    ranked = rank_examples(generator, examples, beams, batch_size, show_progress=True)  # [examples, beams]
     binned = bin_negatives(ranked, targets, generator.sids.trie.codes)[:, difficulty, :rejected]  # [examples, rejected]
     return [(example, [sids[row] for row in rows if row >= 0])
             for example, rows in zip(examples, binned.tolist()) if rows[0] >= 0]
