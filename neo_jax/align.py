@@ -22,11 +22,11 @@ the `neo-jax sids build` directory it was trained on. Each stage, in `stages` or
    preference records (`neo_jax.tasks.preference`, `records/`, written by one rename).
 3. train: a `neo-jax train` run of stage `preference` from the reference model, `epochs` passes
    over the groups (`train/`, resumable: checkpoints as in every stage).
-4. evaluate: Recall/NDCG@10 of the trained model on `eval_users` seeded validation users
-   (`result.json`).
+4. evaluate: Recall/NDCG@1/5/10/20 of the trained model on `eval_users` seeded validation users
+   (`result.json`) and, with `test`, on `test_users` seeded test users (`test.json`; history kept).
 A stage with its `result.json` is skipped, so running the command again resumes where it stopped.
-Prints one JSON object (also `OUT/result.json`): the validation metrics of the starting model and
-after each stage, with each stage's groups, rejected items per group and last DPO loss and accuracy.
+Prints one JSON object (also `OUT/result.json`): the validation (and test) metrics of the starting
+model and after each stage, with each stage's groups, rejected items per group and last DPO loss and accuracy.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ class AlignConfig:
     users: int = 4000  # training users mined per stage (0: all)
     valid_users: int = 500  # validation users mined per stage, for the validation DPO loss
     eval_users: int = 2000  # validation users of the Recall/NDCG evaluation after each stage (0: all)
+    test: bool = True  # also evaluate every model on the test split
+    test_users: int = 0  # a seeded sample of test users (0: all)
     beams: int = 20
     rejected: int = 4  # rejected items per group, at most
     epochs: float = 1.0  # passes over a stage's groups
@@ -95,7 +97,7 @@ class AlignConfig:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
             raise UserError(f"stages: {unknown or 'none'}; choose from {list(STAGES)}, in the order to train")
-        for name in ("users", "valid_users", "eval_users"):
+        for name in ("users", "valid_users", "eval_users", "test_users"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 (all) or positive, got {getattr(self, name)}")
         if self.valid_users == 0:
@@ -184,6 +186,7 @@ class _Inputs:
     train: _Users  # training users (the prompt of their newest training item)
     valid: _Users  # validation users for the validation DPO loss
     evaluation: list[TaskExample]  # validation users for Recall/NDCG
+    test: list[TaskExample]  # test users for Recall/NDCG (none without `AlignConfig.test`)
     sids: list[str]  # catalog row -> SID text
 
 
@@ -200,6 +203,8 @@ def _inputs(config: AlignConfig) -> _Inputs:
                    _users(dataset, sample_examples(split.valid, config.valid_users, config.seed + 1), sid_map, tasks),
                    build_eval_examples(dataset, sample_examples(split.valid, config.eval_users, config.seed),
                                        sid_map, tasks),
+                   build_eval_examples(dataset, sample_examples(split.test, config.test_users, config.seed),
+                                       sid_map, tasks) if config.test else [],
                    [builder.sid(r) for r in range(len(dataset.catalog))])
 
 
@@ -246,6 +251,15 @@ def _evaluate(config: AlignConfig, model_dir: Path, examples: Sequence[TaskExamp
     return {key: value for key, value in metrics.items() if key.startswith(("recall@", "ndcg@"))}
 
 
+def _test_metrics(config: AlignConfig, path: Path, model_dir: Path, examples: Sequence[TaskExample]) -> dict:
+    """The test metrics of `model_dir`, computed once and kept in `path`; {} without test examples."""
+    if not examples:
+        return {}
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(_evaluate(config, model_dir, examples)))
+    return read_json_object(path)
+
+
 def _last_training_metrics(run_dir: Path) -> dict[str, float]:
     """The last logged DPO loss and accuracy, and the last validation DPO loss, of a stage."""
     last: dict[str, float] = {}
@@ -265,8 +279,9 @@ def run_align(config: AlignConfig) -> dict:
     start_path = out / "start.json"
     if not start_path.is_file():
         atomic_write_text(start_path, json.dumps(_evaluate(config, Path(config.init), inputs.evaluation)))
-    rows = [{"stage": "fine-tuned", "model": config.init, "valid": read_json_object(start_path)}]
-    say(PREFIX, f"fine-tuned: valid {rows[0]['valid']}")
+    rows = [{"stage": "fine-tuned", "model": config.init, "valid": read_json_object(start_path),
+             "test": _test_metrics(config, out / "start_test.json", Path(config.init), inputs.test)}]
+    say(PREFIX, f"fine-tuned: valid {rows[0]['valid']}, test {rows[0]['test']}")
     reference = Path(config.init)
     for index, stage in enumerate(config.stages, start=1):
         stage_dir = out / f"{index}_{stage}"
@@ -288,11 +303,14 @@ def run_align(config: AlignConfig) -> dict:
                       "training": _last_training_metrics(stage_dir / "train"),
                       "valid": _evaluate(config, model, inputs.evaluation)}
             atomic_write_text(result_path, json.dumps(result, indent=2))
-        row = read_json_object(result_path)
-        say(PREFIX, f"{stage}: valid {row['valid']}")
+        row = {**read_json_object(result_path),
+               "test": _test_metrics(config, stage_dir / "test.json", Path(read_json_object(result_path)["model"]),
+                                     inputs.test)}
+        say(PREFIX, f"{stage}: valid {row['valid']}, test {row['test']}")
         rows.append(row)
         reference = Path(row["model"])
-    summary = {"init": config.init, "eval_users": len(inputs.evaluation), "beams": config.beams, "stages": rows}
+    summary = {"init": config.init, "eval_users": len(inputs.evaluation), "test_users": len(inputs.test),
+               "beams": config.beams, "stages": rows}
     atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2))
     return summary
 

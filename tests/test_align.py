@@ -41,7 +41,7 @@ def align_settings(root: Path) -> list[str]:
     return [f"init={root / 'bench' / 'train' / 'final'}", f"data={root / 'data'}", f"sids={root / 'bench' / 'sids'}",
             f"out={root / 'align'}", "window=6", "users=0", "valid_users=20", "eval_users=0", "beams=10",
             "rejected=2", "batch_size=8", "seq_len=128", "eval_batch_size=8", f"stages=[{','.join(STAGES)}]",
-            "learning_rate=1e-3"]
+            "learning_rate=1e-3", "test_users=12"]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,10 @@ def test_the_result_lists_the_fine_tuned_model_then_each_stage_on_the_last_ones_
         assert row["reference"] == before["model"] and Path(row["model"]).is_dir()
         assert row["groups"] > 0 and 1 <= row["rejected_per_group"] <= 2
         assert {"loss", "accuracy", "valid_loss"} <= set(row["training"])
+    assert result["test_users"] == 12
     for row in rows:
-        assert set(row["valid"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (1, 5, 10)}
+        for split in ("valid", "test"):
+            assert set(row[split]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (1, 5, 10)}
 
 
 def test_mined_negatives_are_catalog_items_of_the_asked_type_in_their_bin_never_the_chosen(aligned):
@@ -151,3 +153,8 @@ def test_a_second_run_resumes_from_the_results_without_training(aligned):
 def test_bad_settings_are_refused_before_any_work(override, message):
     with pytest.raises(UserError, match=message):
         load_config(AlignConfig, None, [override])
+
+
+def test_the_shipped_beauty_config_loads_and_names_the_self_play_stages():
+    config = load_config(AlignConfig, Path(__file__).parent.parent / "configs" / "align_beauty.yaml")
+    assert config.stages == DIFFICULTY_BINS and config.beams >= config.rejected + 1
