@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from neo_jax.catalog.collisions import add_disambiguation_level, balance_last_level, resolve_collisions
+from neo_jax.catalog.collisions import add_disambiguation_levels, balance_last_level, resolve_collisions
 from neo_jax.catalog.commands import SidsBuildConfig, build_sids
 from neo_jax.catalog.embed_collab import (CollabConfig, collaborative_embeddings, cooccurrence_embeddings,
                                          fuse_embeddings)
@@ -23,11 +24,13 @@ from neo_jax.catalog.sid_output import load_sid_output
 from neo_jax.catalog.sids import (QuantiserConfig, SidConfig, assign_sids, mean_pair_cosine, prefix_coherence,
                                   quantise)
 from neo_jax.catalog.table import build_trie
+from neo_jax.decode.sid_tables import SidTables
 from neo_jax.cli import main
 from neo_jax.config import load_config
 from neo_jax.errors import UserError
 from neo_jax.model.config import ModelConfig
 from neo_jax.tokenizer.text import TextTokenizer
+from neo_jax.vocab import EntityType, VocabLayout
 
 
 def blobs(rng, centers: int, per_center: int, dim: int, spread: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
@@ -117,9 +120,45 @@ def test_rqvae_refit_uses_every_code_where_training_left_dead_ones():
 
 def test_extra_level_ranks_within_groups():
     codes = np.array([[1, 2], [0, 0], [1, 2], [1, 2], [0, 1]])
-    extended, size = add_disambiguation_level(codes)
-    assert size == 3
+    extended, sizes = add_disambiguation_levels(codes)
+    assert sizes == (3,)
     assert extended.tolist() == [[1, 2, 0], [0, 0, 0], [1, 2, 1], [1, 2, 2], [0, 1, 0]]
+
+
+def test_a_group_wider_than_the_cap_writes_its_rank_in_base_cap_over_more_levels():
+    codes = np.array([[0, 0]] * 10 + [[1, 1]] * 2)  # a group of 10, a group of 2
+    extended, sizes = add_disambiguation_levels(codes, max_width=3)
+    assert sizes == (2, 3, 3)  # ranks 0..9 in base 3 need 3 digits; the first is at most 1
+    assert [int("".join(map(str, row[2:])), 3) for row in extended[:10].tolist()] == list(range(10))
+    assert extended[10:, 2:].tolist() == [[0, 0, 0], [0, 0, 1]]
+    assert len({tuple(r) for r in extended.tolist()}) == 12
+
+
+def trie_bytes(x: np.ndarray, config: SidConfig) -> tuple[tuple[int, ...], int, int]:
+    """(codebook sizes, bytes of the trie and of the decoder's child bitmaps, bitmap words a node) of
+    one type's SIDs of `x`."""
+    assignment = assign_sids(x, np.zeros(len(x), np.int32), ("product",), config, seed=0)
+    codes, sizes = assignment.codes, assignment.per_type[0].codebook_sizes
+    assert len({tuple(r) for r in codes.tolist()}) == len(x)  # every item distinct
+    trie = build_trie(codes, np.zeros(len(x), np.int32), (codes.shape[1],))
+    tables = SidTables.from_trie(trie, VocabLayout(32, (EntityType("product", sizes),)))
+    return sizes, trie.nbytes + tables.child_bits.nbytes, tables.words
+
+
+def test_a_degenerate_group_of_identical_items_keeps_the_vocabulary_and_trie_bounded():
+    """The issue's 5,000 identical items at a tenth of the scale with the same rule (cap 16 here)."""
+    rng = np.random.default_rng(8)
+    base, _ = blobs(rng, centers=20, per_center=100, dim=8, spread=0.3)  # 2,000 items
+    degenerate = np.concatenate([base, np.repeat(base[:1], 500, axis=0)])  # + 500 copies of one item
+    config = SidConfig(codebook_sizes=(16, 16), disambiguation_order="catalog", max_disambiguation_width=16)
+    base_sizes, base_bytes, _ = trie_bytes(base, config)
+    sizes, capped_bytes, capped_words = trie_bytes(degenerate, config)
+    assert max(sizes) <= 16 and sum(sizes) <= sum(base_sizes) + 16  # vocabulary rows: one level more at most
+    assert capped_bytes <= 2 * base_bytes and capped_words == 1
+    # What the cap prevents: a level as wide as the group, whose width sets every node's bitmap
+    # (16 words here; at 10M items, millions of nodes times the group's width in bits).
+    uncapped_sizes, _, uncapped_words = trie_bytes(degenerate, dataclasses.replace(config, max_disambiguation_width=10**6))
+    assert max(uncapped_sizes) >= 501 and uncapped_words == 16
 
 
 def test_balanced_moves_collisions_to_free_nearest_codes():

@@ -4,7 +4,12 @@ Two methods:
 - `extra_level` (TIGER, the default): items that share a full SID get one more level
   whose code is their rank in the group (0, 1, ...; by training popularity when given, so
   code 0 is the group's most frequent item). The level's codebook size is the largest group;
-  every item of the type carries the level (0 where it was alone).
+  every item of the type carries the level (0 where it was alone). The width is capped
+  (`max_width`, default 256): a group larger than the cap writes its rank in base `max_width`
+  over as many levels as it needs, most significant digit first, so one degenerate group
+  (thousands of items with the same text, say) adds a level or two of at most `max_width`
+  codes, not a level as wide as the group (which would size every trie node's bitmap and add
+  as many vocabulary rows).
 - `balanced`: first re-assign the last level within each group of items that share all
   earlier codes, so that no two of them take the same last code, each item getting the
   nearest free code (rounds of proposals: every unplaced item proposes its nearest free
@@ -58,13 +63,22 @@ def rank_within_groups(groups: np.ndarray, priority: np.ndarray | None = None) -
     return ranks
 
 
-def add_disambiguation_level(codes: np.ndarray, priority: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """`(codes [n, levels + 1], size of the new level)`: the new code is the rank within the SID
-    group, most popular first when `priority` `[n]` is given (so the code carries signal: 0 is
-    the group's most frequent item)."""
+def add_disambiguation_levels(codes: np.ndarray, priority: np.ndarray | None = None,
+                              max_width: int = 256) -> tuple[np.ndarray, tuple[int, ...]]:
+    """`(codes [n, levels + extra], the new levels' sizes)`: the new codes are the rank within the
+    SID group, most popular first when `priority` `[n]` is given (so the code carries signal: 0 is
+    the group's most frequent item), written in base `max_width` over as few levels as the largest
+    group needs (one while it has at most `max_width` items), most significant digit first."""
+    if max_width < 2:
+        raise ValueError(f"max_width must be at least 2, got {max_width}")
     groups, sizes = group_rows(codes)
-    extra = rank_within_groups(groups, priority).astype(codes.dtype)  # [n]
-    return np.concatenate([codes, extra[:, None]], axis=1), int(sizes.max())
+    ranks = rank_within_groups(groups, priority)  # [n]
+    extra = 1
+    while max_width ** extra < int(sizes.max()):
+        extra += 1
+    digits = np.stack([ranks // max_width ** (extra - 1 - level) % max_width for level in range(extra)],
+                      axis=1).astype(codes.dtype)  # [n, extra]
+    return np.concatenate([codes, digits], axis=1), tuple(int(d.max()) + 1 for d in digits.T)
 
 
 def balance_last_level(codes: np.ndarray, last_distances: np.ndarray) -> np.ndarray:
@@ -107,9 +121,11 @@ class Resolved(NamedTuple):
 
 
 def resolve_collisions(codes: np.ndarray, codebook_sizes: tuple[int, ...], method: CollisionMethod,
-                       last_distances: np.ndarray | None = None, priority: np.ndarray | None = None) -> Resolved:
+                       last_distances: np.ndarray | None = None, priority: np.ndarray | None = None,
+                       max_width: int = 256) -> Resolved:
     """Distinct SIDs for one type's items `codes` `[n, levels]`; `last_distances` is needed by
-    `balanced`; `priority` `[n]` orders the extra level's codes (highest first)."""
+    `balanced`; `priority` `[n]` orders the extra levels' codes (highest first), each at most
+    `max_width` wide."""
     codes = np.asarray(codes, np.int32)
     before = collision_stats(codes)
     resolved, sizes = codes, tuple(codebook_sizes)
@@ -118,6 +134,6 @@ def resolve_collisions(codes: np.ndarray, codebook_sizes: tuple[int, ...], metho
             raise ValueError("balanced collision handling needs the last level's distances")
         resolved = balance_last_level(resolved, np.asarray(last_distances))
     if collision_stats(resolved).max_items_per_leaf > 1:
-        resolved, extra_size = add_disambiguation_level(resolved, priority)
-        sizes = (*sizes, extra_size)
+        resolved, extra_sizes = add_disambiguation_levels(resolved, priority, max_width)
+        sizes = (*sizes, *extra_sizes)
     return Resolved(resolved, sizes, before, collision_stats(resolved))

@@ -39,6 +39,9 @@ class SidConfig:
     quantiser: QuantiserConfig = QuantiserConfig()
     collisions: CollisionMethod = "extra_level"
     disambiguation_order: Literal["catalog", "popularity"] = "popularity"  # of the extra level's codes
+    # The extra level's width at most; a larger group of identical SIDs takes more levels
+    # (`neo_jax.catalog.collisions.add_disambiguation_levels`).
+    max_disambiguation_width: int = 256
 
     def sizes_for(self, type_name: str) -> tuple[int, ...]:
         return tuple(self.type_codebook_sizes.get(type_name, self.codebook_sizes))
@@ -137,6 +140,8 @@ def check_sid_inputs(embeddings: np.ndarray, item_types: np.ndarray, type_names:
         if not sizes or min(sizes) < 1:
             raise UserError(f"entity type {name!r}: codebook sizes must be a non-empty list of integers >= 1, "
                             f"got {list(sizes)}")
+    if config.max_disambiguation_width < 2:
+        raise UserError(f"sids.max_disambiguation_width must be >= 2, got {config.max_disambiguation_width}")
     if config.quantiser.kmeans_iters < 1:
         raise UserError(f"sids.quantiser.kmeans_iters must be >= 1, got {config.quantiser.kmeans_iters}")
 
@@ -196,7 +201,8 @@ def assign_sids(embeddings: np.ndarray, item_types: np.ndarray, type_names: tupl
         codes, last_distances = quantise(embeddings[rows], sizes, key, config.quantiser,
                                          keep_last_distances=config.collisions == "balanced")
         priority = popularity[rows] if config.disambiguation_order == "popularity" else None
-        resolved = resolve_collisions(codes, sizes, config.collisions, last_distances, priority)
+        resolved = resolve_collisions(codes, sizes, config.collisions, last_distances, priority,
+                                      config.max_disambiguation_width)
         vectors = embeddings[rows]  # [n_t, dim]
         per_type.append(TypeSids(name, rows, resolved.codes, resolved.codebook_sizes,
                                  len(resolved.codebook_sizes) > len(sizes), resolved.before, resolved.after,
