@@ -241,7 +241,27 @@ def test_generate_command_names_catalog_items_with_titles(cli_inputs, capsys):
     assert all(b["items"][0]["type"] == product for b in ids_beams)
 
 
+def test_a_prompts_file_in_small_batches_gives_each_prompt_the_items_of_one_batch(cli_inputs, capsys, tmp_path):
+    root, catalog = cli_inputs
+    requests = tmp_path / "requests.jsonl"
+    types = catalog.type_names
+    requests.write_text("".join(json.dumps({"prompt": f"task: recommend | type: {types[i % len(types)]} | format: ids"
+                                                      f"\nUser {i} liked these.",
+                                            "exclude": [catalog.item_ids[i]]}) + "\n" for i in range(5)))
+    common = ["--ckpt", str(root / "ckpt"), "--sids", str(root / "sids"), "--tokenizer", str(root / "tokenizer"),
+              "--beams", "3", "--prompts", str(requests)]
+    _, whole, _ = run_cli(capsys, *common, "--batch", "8")
+    code, batched, err = run_cli(capsys, *common, "--batch", "2")  # batches of 2, 2 and 1 (padded to 2)
+    assert code == 0, err
+    item_ids = lambda lines: [[b["items"][0]["id"] for b in line["beams"]] for line in lines]
+    assert [line["prompt"] for line in batched] == [line["prompt"] for line in whole]
+    assert item_ids(batched) == item_ids(whole) and len(batched) == 5
+    for i, names in enumerate(item_ids(batched)):
+        assert catalog.item_ids[i] not in names  # each prompt keeps its own exclusions
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--batch", "0", "--prompt", "hi"], "--batch must be at least 1"),
     (["--prompt", "task: recommend | type: planet | format: ids\nx"], "request 0: unknown entity type 'planet'"),
     (["--prompt", ""], "prompt 0 is empty"),
     (["--prompt", "word " * 200], "exceeds the model's context of 256 tokens"),

@@ -2,7 +2,7 @@
 
     neo-jax generate --ckpt RUN/final \
         --prompt $'task: recommend | type: product | format: ids\nHistory: ...' [--beams 8]
-    neo-jax generate --ckpt RUN/final --prompts requests.jsonl [--sids SIDS_DIR] [--data DATA_DIR]
+    neo-jax generate --ckpt RUN/final --prompts requests.jsonl [--batch 32] [--sids SIDS_DIR] [--data DATA_DIR]
     neo-jax generate --bundle BUNDLE --prompt ...
 
 A training run's `final/` carries its tokenizer, which records the SID directory it was built
@@ -32,6 +32,7 @@ from neo_jax.data.loaders import load_items, read_records
 from neo_jax.decode.generate import DecodeSettings, Generator, eos_token_id, sid_answer_tokens
 from neo_jax.errors import UserError
 from neo_jax.export.bundle import load_bundle
+from neo_jax.progress import Progress
 from neo_jax.sharding import add_mesh_arguments, mesh_from_arguments
 from neo_jax.tasks.builders import ANY_TYPE, TASK_FORMATS, TASKS, TEMPLATES, parse_header
 from neo_jax.tokenizer import SOURCES_FILE, MixedTokenizer, load_text_tokenizer, sids_source
@@ -96,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (batch i draws with seed + i)")
+    parser.add_argument("--batch", type=int, default=32,
+                        help="prompts decoded at a time (default 32); each batch is written as it finishes")
     parser.add_argument("--type", action="append", dest="types", default=None,
                         help="entity type a prompt without a task header may name (repeat; default all)")
     parser.add_argument("--format", choices=("ids", "text", "mixed"), default="mixed",
@@ -179,6 +182,8 @@ def read_item_ids(path: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
     prompts, excluded = read_requests(args)
     if args.bundle is not None:
         if args.sids or args.tokenizer or args.data:
@@ -197,13 +202,23 @@ def run(args: argparse.Namespace) -> int:
     settings = DecodeSettings(args.method, max_new_tokens, args.beams, args.alpha, args.temperature,
                               args.top_k, args.top_p)
     settings.check()
-    beams = generator.generate(prompts, settings, excluded_ids=excluded,
-                               allowed_ids=None if args.in_stock is None else read_item_ids(args.in_stock),
-                               default_types=args.types, default_format=args.format,
-                               constrained=not args.unconstrained, seed=args.seed)
-    for prompt, continuations in zip(prompts, beams):
-        json.dump({"prompt": prompt, "beams": [c.to_dict() for c in continuations]}, sys.stdout, ensure_ascii=False)
-        print()
+    allowed = None if args.in_stock is None else read_item_ids(args.in_stock)
+    progress = Progress(len(prompts), label="generate", unit="prompt") if len(prompts) > args.batch else None
+    for index, start in enumerate(range(0, len(prompts), args.batch)):
+        batch, batch_excluded = prompts[start:start + args.batch], excluded[start:start + args.batch]
+        # A short last batch repeats its last request, so that every batch of a run has one shape.
+        fill = args.batch - len(batch) if len(prompts) > args.batch else 0
+        beams = generator.generate(batch + batch[-1:] * fill, settings,
+                                   excluded_ids=batch_excluded + batch_excluded[-1:] * fill,
+                                   allowed_ids=allowed, default_types=args.types, default_format=args.format,
+                                   constrained=not args.unconstrained, seed=args.seed + index)
+        for prompt, continuations in zip(batch, beams):
+            json.dump({"prompt": prompt, "beams": [c.to_dict() for c in continuations]}, sys.stdout,
+                      ensure_ascii=False)
+            print()
+        sys.stdout.flush()
+        if progress is not None:
+            progress.update(start + len(batch))
     return 0
 
 
