@@ -46,6 +46,7 @@ from flax import nnx
 from neo_jax.atomic import atomic_write_text
 from neo_jax.config import MeshConfig, add_config_arguments, load_config, to_dict
 from neo_jax.data.loaders import load_dataset
+from neo_jax.data.schema import Dataset
 from neo_jax.data.splits import LeaveOneOutSplit, SequenceExample, leave_one_out
 from neo_jax.decode.commands import load_generator
 from neo_jax.decode.generate import Generator
@@ -56,7 +57,8 @@ from neo_jax.model import Decoder
 from neo_jax.model.preference import candidate_log_probs
 from neo_jax.run_steps import StageSettings, say, train_stage
 from neo_jax.sharding import make_mesh
-from neo_jax.tasks.builders import TaskBuilder, TaskConfig, TaskExample, build_eval_examples, load_sid_map
+from neo_jax.tasks.builders import (SidMap, TaskBuilder, TaskConfig, TaskExample, build_eval_examples,
+                                   load_sid_map)
 from neo_jax.tasks.preference import (PREFERENCE_KEYS, PreferenceExample, preference_features,
                                       write_preference_records)
 from neo_jax.train.self_play import DIFFICULTY_BINS, bin_negatives
@@ -168,7 +170,7 @@ class _Users:
     user_indices: list[int]  # into the interactions' user_ids
 
 
-def _users(dataset, picked: list[SequenceExample], sid_map, tasks: TaskConfig) -> _Users:
+def _users(dataset: Dataset, picked: list[SequenceExample], sid_map: SidMap, tasks: TaskConfig) -> _Users:
     cutoffs = np.zeros(dataset.interactions.num_users, np.int64)  # positives before each user's chosen item
     for e in picked:
         cutoffs[e.user] = e.position
