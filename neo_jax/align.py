@@ -59,8 +59,7 @@ from neo_jax.run_steps import StageSettings, say, train_stage
 from neo_jax.sharding import make_mesh
 from neo_jax.tasks.builders import (SidMap, TaskBuilder, TaskConfig, TaskExample, build_eval_examples,
                                    load_sid_map)
-from neo_jax.tasks.preference import (PREFERENCE_KEYS, PreferenceExample, preference_features,
-                                      write_preference_records)
+from neo_jax.tasks.preference import PREFERENCE_KEYS, PreferenceExample, example_features, write_preference_records
 from neo_jax.train.self_play import DIFFICULTY_BINS, bin_negatives
 from neo_jax.train.monitor import read_metrics
 
@@ -151,7 +150,7 @@ def scored_by(model: Decoder, examples: Sequence[PreferenceExample], seq_len: in
     scored = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        features = [preference_features(e.to_bytes(), seq_len, candidates) for e in chunk]
+        features = [example_features(e, seq_len, candidates) for e in chunk]
         features += [features[-1]] * (batch_size - len(chunk))  # one shape for every batch
         batch = {key: np.stack([f[key] for f in features]) for key in PREFERENCE_KEYS}
         log_probs = np.asarray(score(state, batch))[:len(chunk)]  # [groups, candidates]

@@ -116,7 +116,11 @@ def preference_layout(directory: str | Path) -> dict:
 
 def preference_features(record: bytes, seq_len: int, candidates: int) -> dict[str, np.ndarray]:
     """One serialized `PreferenceExample` as fixed-shape features (see the module docstring)."""
-    example = PreferenceExample.from_bytes(record)
+    return example_features(PreferenceExample.from_bytes(record), seq_len, candidates)
+
+
+def example_features(example: PreferenceExample, seq_len: int, candidates: int) -> dict[str, np.ndarray]:
+    """`example` as fixed-shape features (see the module docstring)."""
     if len(example.completions) > candidates:
         raise UserError(f"a preference record has {len(example.completions)} completions, more than the "
                         f"{candidates} candidates of its directory's {PREFERENCE_FILE}")

@@ -62,14 +62,17 @@ def _preference_parts(config: TrainConfig) -> PartFactory:
     return part
 
 
+def _parts(config: TrainConfig, task_weights: Mapping[str, float]) -> PartFactory:
+    """The stage's parts: preference groups in the preference stage, else packed task records."""
+    return _preference_parts(config) if config.stage == "preference" else _packed_parts(config, task_weights)
+
+
 def train_batches(config: TrainConfig) -> grain.DatasetIterator:
-    part = (_preference_parts(config) if config.stage == "preference"
-            else _packed_parts(config, config.data.task_weights))
-    return _process_batches(config, config.data.train_split, config.data.shuffle, part)
+    return _process_batches(config, config.data.train_split, config.data.shuffle,
+                            _parts(config, config.data.task_weights))
 
 
 def validation_batches(config: TrainConfig) -> grain.DatasetIterator:
     """The validation split in file order, its own task mix; every evaluation reads the same first
     `eval.batches` batches."""
-    part = _preference_parts(config) if config.stage == "preference" else _packed_parts(config, {})
-    return _process_batches(config, config.data.valid_split, False, part)
+    return _process_batches(config, config.data.valid_split, False, _parts(config, {}))
