@@ -72,9 +72,10 @@ class StageSettings:
 
 
 def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict, records: Path,
-                tokenizer: Path) -> Path:
+                tokenizer: Path, sids: Path | None = None) -> Path:
     """Train one stage into `run_dir` (resuming it if it has checkpoints); the final model's directory,
-    or the selected one's (`RUN_DIR/best`) when `eval_extra` sets `select`."""
+    or the selected one's (`RUN_DIR/best`) when `eval_extra` sets `select`. `sids`: the catalog of the
+    model's item-identity table (`neo-jax train`'s `data.sids`)."""
     from neo_jax.train.config import TrainConfig
     from neo_jax.train.trainer import SELECTION_FILE, train
 
@@ -84,7 +85,8 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
         weight_decay = 0.0 if settings.stage == "grounding" else 0.1
     config = {
         "run_dir": str(run_dir), "stage": settings.stage, "init": init, "seed": settings.seed,
-        "data": {"records_dir": str(records), "tokenizer": str(tokenizer)},
+        "data": {"records_dir": str(records), "tokenizer": str(tokenizer),
+                 **({} if sids is None else {"sids": str(sids)})},
         "mesh": dataclasses.asdict(settings.mesh), "steps": settings.steps, "batch_size": settings.batch_size,
         "seq_len": settings.seq_len, "log_every": settings.log_every, "dropout": settings.dropout,
         "compute_dtype": settings.compute_dtype, "unlikelihood": settings.unlikelihood,

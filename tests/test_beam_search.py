@@ -43,8 +43,9 @@ def init_params(seed: int, vocab: int, layout) -> dict:
     )
 
 
-def tokens_to_logits(params: dict, tokens: jax.Array, cache: dict, positions: jax.Array):
-    """One incremental step: tokens `[n, 1]`, cache `k`/`v` `[n, CONTEXT, DIM]`, positions `[n, 1]`."""
+def tokens_to_logits(params: dict, tokens: jax.Array, cache: dict, positions: jax.Array, item_ids: jax.Array):
+    """One incremental step: tokens `[n, 1]`, cache `k`/`v` `[n, CONTEXT, DIM]`, positions `[n, 1]`
+    (this model has no item identity: `item_ids` `[n, 1]` go unused)."""
     at = positions[:, 0]  # [n]
     x = params["embed"][tokens[:, 0]] + params["pos"][at]  # [n, DIM]
     rows = jnp.arange(x.shape[0])  # [n]

@@ -4,6 +4,7 @@ and the users are a seeded sample when `eval_users` limits them."""
 
 import json
 
+import numpy as np
 import pytest
 
 from neo_jax.bench.rec import RecBenchConfig, run_bench, shared_data_dir
@@ -18,7 +19,7 @@ SMALL = ["steps=4", "batch_size=8", "seq_len=128", "window=6", "beams=5", "ks=[1
          "sids.codebook_sizes=[8,8]", "sids.type_codebook_sizes={brand: [8], creator: [8]}",
          "sasrec.epochs=1", "sasrec.model.hidden=16", "sasrec.model.max_len=8",
          "evaluations=2", "select=valid_ndcg@10", "select_users=8",
-         "unlikelihood=1.0", "avoid_repeats=true", "avoided_from_level=1"]
+         "unlikelihood=1.0", "avoid_repeats=true", "avoided_from_level=1", "item_ids=true"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,27 @@ def test_avoided_spans_reach_the_records_and_the_training_run(bench):
     assert any(m.get("unlikelihood", 0.0) > 0.0 for m in logged)
 
 
+def test_item_identity_rows_learn_for_the_items_training_closes(bench):
+    """`item_ids=true`: the random model gets a table of the catalog's rows (row 0 and the padding
+    rows stay zero), and the rows of items closed in the training windows move from their zero start."""
+    import yaml
+    from neo_jax.catalog.item_ids import table_rows
+    from neo_jax.catalog.sid_output import load_sid_output
+    from neo_jax.checkpoint import load_model
+    from neo_jax.config import MeshConfig
+    from neo_jax.sharding import make_mesh
+
+    root, _ = bench
+    train = yaml.safe_load((root / "run" / "train.yaml").read_text())
+    assert train["data"]["sids"] == str(root / "run" / "sids")
+    n_items = load_sid_output(root / "run" / "sids").trie.n_items
+    model = load_model(root / "run" / "train" / "final", make_mesh(MeshConfig()))
+    assert model.config.num_item_ids == table_rows(n_items)
+    table = np.asarray(model.item_embed[...])  # [rows, embed]
+    moved = np.any(table != 0, axis=1)  # [rows]
+    assert not moved[0] and not moved[n_items + 1:].any() and moved[1:n_items + 1].any()
+
+
 def test_rerun_skips_finished_phases(bench, capsys):
     root, result = bench
     again = run_bench(load_config(RecBenchConfig, None, [f"out={root / 'run'}", *SMALL, "baselines=[popularity]"]),
@@ -104,7 +126,8 @@ def test_a_pretrained_backbone_is_grounded_then_tuned(tmp_path, tiny_hf_model):
     # the backbone's own tokenizer: at most its 300 rows (256 byte pieces and the header's few characters)
     train_sentencepiece(["task: recommend | type: product | format: ids"] * 20, 300, hf_dir / "tokenizer.model")
     assert main(["import-hf", str(hf_dir), str(tmp_path / "backbone")]) == 0
-    settings = [f"out={tmp_path / 'run'}", *SMALL, f"backbone={tmp_path / 'backbone'}", "grounding_steps=2",
+    settings = [f"out={tmp_path / 'run'}", *SMALL, "item_ids=false", f"backbone={tmp_path / 'backbone'}",
+                "grounding_steps=2",
                 "steps=2", "seq_len=60", "window=4", "baselines=[popularity]"]
     result = run_bench(load_config(RecBenchConfig, None, settings), tmp_path / "data")
     assert result["valid_item_rate"] == {"history_kept": 1.0, "history_excluded": 1.0}

@@ -66,6 +66,9 @@ class RecBenchConfig:
     avoided_from_level: int = 2
     text_vocab_size: int = 512  # at most this many sentencepiece pieces (the header text needs ~350)
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields replacing DEFAULT_MODEL's
+    # A learned vector per catalog item joins the input at each `[/SID]` that closes it (the random
+    # model's item-identity table, `neo-jax train`'s `data.sids`; `neo_jax.catalog.item_ids`).
+    item_ids: bool = False
     # A pre-trained backbone (a `neo-jax import-hf` output, its tokenizer/ inside) instead of random
     # weights: its own tokenizer and model (`model` and `text_vocab_size` unused), SID rows alone for
     # `grounding_steps` (stage 2), then every weight for `steps`.
@@ -206,6 +209,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
                         f"(got {config.unlikelihood})")
     if config.beams < max(config.ks):
         raise UserError(f"beams ({config.beams}) must be at least the largest K ({max(config.ks)})")
+    if config.item_ids and config.backbone:
+        raise UserError("item_ids gives a random model its item-identity table; a backbone has none (unset one)")
     backbone = _checked_backbone(config.backbone)
     root = Path(config.out or f"runs/bench_rec/{data_dir.name}")
     root.mkdir(parents=True, exist_ok=True)
@@ -250,7 +255,7 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
                              {"checkpoint": str(backbone)}, root / "records", root / "tokenizer")
         init = {"checkpoint": str(grounded)}
     checkpoint = clock.run("train", train_stage, PREFIX, root / "train", stage, init, root / "records",
-                           root / "tokenizer")
+                           root / "tokenizer", root / "sids" if config.item_ids else None)
     n_test = sum(1 for _ in (root / "tasks" / "test.jsonl").open(encoding="utf-8"))
     chosen = sample_indices(n_test, config.eval_users, config.seed)
     model = _model_metrics(config, root, checkpoint, chosen, clock)

@@ -55,15 +55,18 @@ def check_beam_settings(beam_size: int, max_new_tokens: int, alpha: float) -> No
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_token: jax.Array,
                 prompt_lengths: jax.Array, *, constraint: Constraint, beam_size: int, max_new_tokens: int,
-                eos_id: int, alpha: float = 0.0) -> DecodeResult:
+                eos_id: int, alpha: float = 0.0, last_prompt_item: jax.Array | None = None) -> DecodeResult:
     """The `beam_size` best continuations of each prompt, best first.
 
     `cache`: leaves `[batch, ...]` holding each prompt's first `prompt_lengths - 1` tokens;
-    `last_prompt_token` `[batch]` int32; `prompt_lengths` `[batch]` int32. A request with no
+    `last_prompt_token` `[batch]` int32; `prompt_lengths` `[batch]` int32; `last_prompt_item` `[batch]`
+    int32 the item id of the last prompt token (`neo_jax.decode.state`; None: 0). A request with no
     finished sequence gets its live beams back (`finished` False).
     """
     check_beam_settings(beam_size, max_new_tokens, alpha)
     batch, beams = last_prompt_token.shape[0], beam_size
+    if last_prompt_item is None:
+        last_prompt_item = jnp.zeros((batch,), jnp.int32)
     shape = (batch, beams)
     first_beam_only = jnp.where(jnp.arange(beams) == 0, 0.0, NEG_INF).astype(jnp.float32)  # [beams]
     init = BeamState(
@@ -91,7 +94,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_tok
     def step(state: BeamState) -> BeamState:
         log_probs, allowed, new_cache = next_token_log_probs(
             tokens_to_logits, state.last_tokens, state.live_cache, prompt_lengths, state.step, constraint,
-            state.live_constraint)  # log_probs, allowed: [batch, beams, vocab]
+            state.live_constraint, last_prompt_item)  # log_probs, allowed: [batch, beams, vocab]
         vocab = log_probs.shape[-1]
         log_probs = jnp.where(allowed, log_probs, NEG_INF)  # [batch, beams, vocab]
         sequence_log_probs = state.live_log_probs[..., None] + log_probs  # [batch, beams, vocab]

@@ -52,6 +52,8 @@ class Constraint(Protocol):
 
     def complete(self, state: PyTree) -> jax.Array: ...
 
+    def item_ids(self, state: PyTree, tokens: jax.Array) -> jax.Array: ...
+
 
 class OutputFormat(enum.IntEnum):
     """What may appear outside SID spans: only SIDs, only text, or both."""
@@ -86,6 +88,10 @@ class Unconstrained:
 
     def complete(self, state: tuple) -> jax.Array:
         return jnp.zeros((), bool)
+
+    def item_ids(self, state: tuple, tokens: jax.Array) -> jax.Array:
+        """No trie, so no item is known to close: unconstrained decoding feeds no item identity."""
+        return jnp.zeros(tokens.shape, jnp.int32)
 
 
 @flax.struct.dataclass
@@ -224,8 +230,13 @@ class SidConstraint:
 
     def complete(self, state: SidState) -> jax.Array:
         """`[batch, beams]`: a codes-only request whose SID reached a leaf."""
-        at_leaf = state.in_span & (state.node != ROOT) & (self.tables.child_block[self.tables.row(state.node)] < 0)
-        return self._codes_only() & at_leaf
+        return self._codes_only() & state.in_span & self.tables.is_leaf(state.node)
+
+    def item_ids(self, state: SidState, tokens: jax.Array) -> jax.Array:
+        """`[batch, beams]` int32: 1 + the catalog row of the item each beam's last token, a `[/SID]`,
+        closed (`advance` leaves the closed leaf as the node), else 0 (`neo_jax.catalog.item_ids`)."""
+        closed = (tokens == self.sid_close) & ~state.in_span & self.tables.is_leaf(state.node)
+        return jnp.where(closed, self.tables.leaf_row(state.node) + 1, 0)
 
     def allowed(self, state: SidState, vocab_size: int) -> jax.Array:
         """Outside a span, by output format: `text`: text tokens (EOS among them); `mixed`: text and

@@ -24,8 +24,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from neo_jax.catalog.item_ids import ItemIds
 from neo_jax.catalog.sid_output import SidOutput
-from neo_jax.catalog.table import SidTokenIndex, SidTrie
+from neo_jax.catalog.table import SidTrie
 from neo_jax.decode.beam_search import beam_search, check_beam_settings
 from neo_jax.decode.constraint import Constraint, SidConstraint, Unconstrained, sid_requests
 from neo_jax.decode.sampling import check_sampling_settings, sample
@@ -116,48 +117,54 @@ def pack_prompts(prompts: Sequence[Sequence[int]], *, max_context: int, max_new_
 def decoder_step(model: Decoder) -> TokensToLogits:
     """The decoding loops' model callback for a `Decoder` and its cache (`prefill`'s `SharedPromptCache`)."""
 
-    def tokens_to_logits(tokens: jax.Array, cache: KVCache | SharedPromptCache, positions: jax.Array):
-        logits, cache = model(tokens, positions, None, cache)  # [batch*beams, 1, vocab]
+    def tokens_to_logits(tokens: jax.Array, cache: KVCache | SharedPromptCache, positions: jax.Array,
+                         item_ids: jax.Array | None = None):
+        logits, cache = model(tokens, positions, None, cache, item_ids=item_ids)  # [batch*beams, 1, vocab]
         return logits[:, 0], cache
 
     return tokens_to_logits
 
 
 def prefill(model: Decoder, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-            max_new_tokens: int) -> SharedPromptCache:
+            max_new_tokens: int, item_ids: jax.Array | None = None) -> SharedPromptCache:
     """A cache holding every prompt token but the last (the decoding loop feeds that one first),
     shared by the sequences the loop decodes from it, with room for `max_new_tokens` each."""
     batch, width = tokens.shape
     cache = model.init_cache(batch, width - 1)
     if width > 1:
-        _, cache = model(tokens[:, :-1], positions[:, :-1], segment_ids[:, :-1], cache)
+        _, cache = model(tokens[:, :-1], positions[:, :-1], segment_ids[:, :-1], cache,
+                         item_ids=None if item_ids is None else item_ids[:, :-1])
     return SharedPromptCache.after_prefill(cache, max_new_tokens)
 
 
 @nnx.jit(static_argnames=("settings", "eos_id"))
 def _decode(model: Decoder, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-            lengths: jax.Array, rng: jax.Array, constraint: Constraint, settings: DecodeSettings,
-            eos_id: int) -> DecodeResult:
-    cache = prefill(model, tokens, segment_ids, positions, settings.max_new_tokens)
-    last = tokens[:, -1]  # [batch]
+            lengths: jax.Array, item_ids: jax.Array, rng: jax.Array, constraint: Constraint,
+            settings: DecodeSettings, eos_id: int) -> DecodeResult:
+    cache = prefill(model, tokens, segment_ids, positions, settings.max_new_tokens, item_ids)
+    last, last_item = tokens[:, -1], item_ids[:, -1]  # [batch] each
     step = decoder_step(model)
     if settings.method == "beam":
         return beam_search(step, cache, last, lengths, constraint=constraint, beam_size=settings.beam_size,
-                           max_new_tokens=settings.max_new_tokens, eos_id=eos_id, alpha=settings.alpha)
+                           max_new_tokens=settings.max_new_tokens, eos_id=eos_id, alpha=settings.alpha,
+                           last_prompt_item=last_item)
     return sample(step, cache, last, lengths, rng, constraint=constraint, max_new_tokens=settings.max_new_tokens,
                   eos_id=eos_id, num_samples=settings.beam_size, temperature=settings.temperature,
-                  top_k=settings.top_k, top_p=settings.top_p)
+                  top_k=settings.top_k, top_p=settings.top_p, last_prompt_item=last_item)
 
 
 def decode(model: Decoder, prompts: PackedPrompts, constraint: Constraint, settings: DecodeSettings,
-           eos_id: int, mesh: Mesh | None = None, seed: int = 0) -> DecodeResult:
-    """Prefill and decode a batch of packed prompts in one jitted call (`seed`: sampling only).
+           eos_id: int, mesh: Mesh | None = None, seed: int = 0, item_ids: np.ndarray | None = None) -> DecodeResult:
+    """Prefill and decode a batch of packed prompts in one jitted call (`seed`: sampling only);
+    `item_ids` `[batch, padded_len]`: the items the prompts' `[/SID]` tokens close (`ItemIds`; None: none).
 
     With a `mesh` (the one the model lives on), prompts are split over its batch axes when
     the batch divides evenly, else replicated; the beams of a request stay on its devices.
     """
     settings.check()
-    arrays = (prompts.tokens, prompts.segment_ids, prompts.positions, prompts.lengths)
+    if item_ids is None:
+        item_ids = np.zeros(prompts.tokens.shape, np.int32)
+    arrays = (prompts.tokens, prompts.segment_ids, prompts.positions, prompts.lengths, item_ids)
     if mesh is not None:
         split = prompts.lengths.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
         placement = batch_sharding if split else lambda m, ndim: NamedSharding(m, PartitionSpec())
@@ -302,7 +309,10 @@ class Generator:
         self.titles, self.mesh = titles, mesh
         self.tables = SidTables.from_trie(sids.trie, layout, mesh)
         self.row_of_id = {item_id: row for row, item_id in enumerate(sids.item_ids)}
-        self.token_index = SidTokenIndex.build(sids.trie, layout)
+        self.item_ids = ItemIds.build(sids.trie, layout)
+        self.token_index = self.item_ids.index
+        if model.config.num_item_ids:
+            self.item_ids.check_model(model.config.num_item_ids, "the model")
 
     def with_model(self, model: Decoder) -> "Generator":
         """The same tokenizer, catalog and device tables with another model of the same vocabulary
@@ -367,7 +377,8 @@ class Generator:
             constraint = SidConstraint.create(self.tables, requests, layout, self.eos_id, ids_codes_only=True)
         else:
             constraint = Unconstrained(layout.size)
-        return decode(self.model, packed, constraint, settings, self.eos_id, self.mesh, seed)
+        return decode(self.model, packed, constraint, settings, self.eos_id, self.mesh, seed,
+                      self.item_ids(packed.tokens))
 
     def _targets(self, prompts: Sequence[str], default_types: Sequence[str] | None, default_format: str):
         """`[(entity types or None, output format)]` of each prompt (`_prompt_target`)."""

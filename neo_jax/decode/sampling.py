@@ -70,15 +70,19 @@ def check_sampling_settings(temperature: float, top_k: int, top_p: float) -> Non
 
 def sample(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_token: jax.Array,
            prompt_lengths: jax.Array, rng: jax.Array, *, constraint: Constraint, max_new_tokens: int, eos_id: int,
-           num_samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> DecodeResult:
+           num_samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           last_prompt_item: jax.Array | None = None) -> DecodeResult:
     """Draw `num_samples` continuations of each prompt.
 
     `cache`: leaves `[batch, ...]` holding each prompt's first `prompt_lengths - 1` tokens;
-    `last_prompt_token` `[batch]` int32; `prompt_lengths` `[batch]` int32.
+    `last_prompt_token` `[batch]` int32; `prompt_lengths` `[batch]` int32; `last_prompt_item` `[batch]`
+    int32 the item id of the last prompt token (`neo_jax.decode.state`; None: 0).
     Returns a `DecodeResult` with a `samples` beam axis, in draw order.
     """
     check_sampling_settings(temperature, top_k, top_p)
     batch = last_prompt_token.shape[0]
+    if last_prompt_item is None:
+        last_prompt_item = jnp.zeros((batch,), jnp.int32)
     shape = (batch, num_samples)
     init = SamplingState(
         step=jnp.zeros((), jnp.int32),
@@ -98,7 +102,7 @@ def sample(tokens_to_logits: TokensToLogits, cache: PyTree, last_prompt_token: j
     def step(state: SamplingState) -> SamplingState:
         log_probs, allowed, new_cache = next_token_log_probs(
             tokens_to_logits, state.last_tokens, state.cache, prompt_lengths, state.step, constraint,
-            state.constraint)  # log_probs, allowed: [batch, samples, vocab]
+            state.constraint, last_prompt_item)  # log_probs, allowed: [batch, samples, vocab]
         rng, key = jax.random.split(state.rng)
         chosen = choose_tokens(jnp.where(allowed, log_probs, NEG_INF), key, temperature, top_k, top_p)
         live = ~state.ended  # [batch, samples]

@@ -38,6 +38,7 @@ class SidTables:
     node_code: jax.Array  # [num_nodes] int32: code of the edge into the node (root: -1)
     subtree_lo: jax.Array  # [num_nodes] int32: first trie-order item position under the node
     subtree_hi: jax.Array  # [num_nodes] int32: one past the last
+    item_row: jax.Array  # [n_items] int32: catalog row of each trie-order item position
     root_token: jax.Array  # [root_children] int32: token id of each child of the root (nodes 1, 2, ...)
     root_type: jax.Array  # [root_children] int32: its entity type
     root_child: jax.Array  # [sid_tokens] int32: node a SID token names right after `[SID]` (-1: none)
@@ -65,6 +66,7 @@ class SidTables:
             node_code=put(np.asarray(trie.node_code, np.int32)),
             subtree_lo=put(np.asarray(trie.subtree_lo, np.int32)),
             subtree_hi=put(np.asarray(trie.subtree_hi, np.int32)),
+            item_row=put(np.asarray(trie.item_order, np.int32)),
             root_token=put(np.asarray(tokens[root_children], np.int32)),
             root_type=put(np.asarray(trie.node_type[root_children], np.int32)),
             root_child=put(root_child),
@@ -80,6 +82,14 @@ class SidTables:
     def row(self, node: jax.Array) -> jax.Array:
         """Bitmap row of each node: its own below the last inner node, the zero row past it."""
         return jnp.minimum(node, self.child_bits.shape[0] - 1)
+
+    def is_leaf(self, node: jax.Array) -> jax.Array:
+        """`[...]` bool: the node is an item (not the root, no children)."""
+        return (node != ROOT) & (self.child_block[self.row(node)] < 0)
+
+    def leaf_row(self, node: jax.Array) -> jax.Array:
+        """`[...]` int32 catalog row of each leaf node (meaningless for other nodes)."""
+        return self.item_row[jnp.clip(self.subtree_lo[node], 0, self.item_row.shape[0] - 1)]
 
     def child_code(self, node: jax.Array, token: jax.Array) -> jax.Array:
         """The code a SID `token` stands for below `node` (`[...]` int32 each; meaningless at the root)."""

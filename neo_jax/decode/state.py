@@ -1,7 +1,9 @@
 """What every decoding loop shares: the model callback type, the result, and beam-axis helpers.
 
 A decoding loop calls the model one token at a time through `tokens_to_logits(token_ids
-[batch*beams, 1], cache, positions [batch*beams, 1]) -> (logits [batch*beams, vocab], cache)`.
+[batch*beams, 1], cache, positions [batch*beams, 1], item_ids [batch*beams, 1]) -> (logits
+[batch*beams, vocab], cache)`; `item_ids` names the item a fed `[/SID]` closes (`neo_jax.catalog.item_ids`:
+the prompt's own for its last token, then the constraint's).
 Every leaf of the cache carries the flattened `batch*beams` axis first, beams of one request
 adjacent (row `b * beams + k`), so a beam search reorders beams by gathering rows. Before the
 loop the cache holds the prompt's first `prompt_length - 1` tokens of each request (with only a
@@ -22,7 +24,7 @@ import numpy as np
 from neo_jax.model.kv_cache import SharedPromptCache
 
 PyTree = Any
-TokensToLogits = Callable[[jax.Array, PyTree, jax.Array], tuple[jax.Array, PyTree]]
+TokensToLogits = Callable[[jax.Array, PyTree, jax.Array, jax.Array], tuple[jax.Array, PyTree]]
 
 # "Effectively minus infinity" for masked log-probabilities. Finite, so sums stay finite; a
 # beam whose log-probability falls below NEG_INF / 2 took a masked token and is dead.
@@ -87,16 +89,21 @@ def step_positions(prompt_lengths: jax.Array, step: jax.Array, beams: int) -> ja
 
 
 def next_token_log_probs(tokens_to_logits: TokensToLogits, last_tokens: jax.Array, cache: PyTree,
-                         prompt_lengths: jax.Array, step: jax.Array, constraint: Any, constraint_state: PyTree):
+                         prompt_lengths: jax.Array, step: jax.Array, constraint: Any, constraint_state: PyTree,
+                         last_prompt_item: jax.Array):
     """One model step for every sequence of the loop.
 
     `last_tokens` `[batch, width]` (width = beams or samples) -> `(log_probs [batch, width, vocab]`
     float32 (unmasked), `allowed` bool broadcastable to `[batch, width, vocab]`, the new cache)`.
+    `last_prompt_item` `[batch]`: the item id of each prompt's last token, fed at step 0.
     """
     batch, width = last_tokens.shape
     flat_tokens = last_tokens.reshape(batch * width, 1)  # [batch*width, 1]
     positions = step_positions(prompt_lengths, step, width)  # [batch*width, 1]
-    logits, new_cache = tokens_to_logits(flat_tokens, cache, positions)  # [batch*width, vocab]
+    item_ids = jnp.where(step == 0, last_prompt_item[:, None],
+                         constraint.item_ids(constraint_state, last_tokens))  # [batch, width]
+    logits, new_cache = tokens_to_logits(flat_tokens, cache, positions,
+                                         item_ids.reshape(batch * width, 1))  # [batch*width, vocab]
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, width, vocab)
     allowed = constraint.allowed(constraint_state, vocab)  # [batch, width, vocab]

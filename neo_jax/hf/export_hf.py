@@ -78,9 +78,12 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, mesh: Mes
     tokens too) and `sids_dir` are given (`allow_replicated`: see `neo_jax.sharding.logical_to_spec`)."""
     if max_shard_bytes < 1:
         raise UserError(f"the largest safetensors shard must be positive, got {max_shard_bytes} bytes")
+    model_config = load_model_config(checkpoint_dir)
+    if model_config.num_item_ids:
+        raise UserError(f"{checkpoint_dir}: the model has an item-identity table ({model_config.num_item_ids} rows), "
+                        "which no Hugging Face architecture has; serve it with `neo-jax export` instead")
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        left_out = write_tokenizer_and_sids(tmp, Path(checkpoint_dir), load_model_config(checkpoint_dir),
-                                            tokenizer_dir, sids_dir)
+        left_out = write_tokenizer_and_sids(tmp, Path(checkpoint_dir), model_config, tokenizer_dir, sids_dir)
         model = load_model(checkpoint_dir, mesh, allow_replicated=allow_replicated)
         write_safetensors(tmp, tensors_to_write(model), max_shard_bytes)
         config = hf_config_for(model, load_hf_config(checkpoint_dir))

@@ -81,6 +81,9 @@ class ModelConfig:
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = False  # run the layers of a full forward pass as one `lax.scan`
     attention_chunk: int = 0  # queries attended at a time (`Attention._attend_in_chunks`); 0: all at once
+    # Rows of the item-identity table (`neo_jax.catalog.item_ids.table_rows`: the catalog's items and
+    # row 0, no item, padded); 0: no table. Not a Hugging Face setting: such a model does not export.
+    num_item_ids: int = 0
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -99,6 +102,8 @@ class ModelConfig:
             raise UserError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise UserError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.num_item_ids < 0:
+            raise UserError(f"num_item_ids must be 0 (no item-identity table) or positive, got {self.num_item_ids}")
         if self.num_real_tokens is not None and not 0 < self.num_real_tokens <= self.vocab_size:
             raise UserError(f"num_real_tokens {self.num_real_tokens} must lie in 1..vocab_size ({self.vocab_size})")
 

@@ -12,14 +12,18 @@
 
 Inputs: `tokens` `[batch, len]` int32; `positions` `[batch, len]` int32 RoPE positions;
 `segment_ids` `[batch, len]` int32 or None (all ones): 0 marks padding, and packed
-examples carry distinct ids so attention never crosses them. Batched prompts are LEFT
+examples carry distinct ids so attention never crosses them; `item_ids` `[batch, len]` int32 or
+None: with an item-identity table (`config.num_item_ids`), row `item_ids` of `item_embed` joins
+the input embedding where it is > 0 (the `[/SID]` tokens, `neo_jax.catalog.item_ids`); a model
+without the table ignores them. Batched prompts are LEFT
 padded (see `neo_jax.model.kv_cache`), with positions counting from each prompt's first
 real token. Logits are float32; rows past `config.num_real_tokens` (vocabulary padding)
 are `MASKED_LOGIT`. `hidden_states` gives the final (normed) hidden states without the
 output head, for text embeddings.
 
 Parameter tree (names used by the Hugging Face key map and the sharding rules):
-`embed_tokens [vocab, embed]`, `lm_head [vocab, embed]` (None when tied),
+`embed_tokens [vocab, embed]`, `lm_head [vocab, embed]` (None when tied), `item_embed [items + 1, embed]`
+(None without item identity; it starts at zero, so a new table leaves the model's function unchanged),
 `final_norm.scale`, `layers[i].{input_norm, post_attention_norm}.scale`,
 `layers[i].attn.{q,k,v,o}_kernel`, `{q,k,v,o}_bias`, `{q,k}_norm.scale`,
 `layers[i].mlp.{gate,up,down}_kernel`.
@@ -92,6 +96,8 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", rngs)
         self.lm_head = None if config.tie_word_embeddings else make_param(
             rngs, normal, (config.vocab_size, config.hidden_size), ("vocab", "embed"))
+        self.item_embed = None if not config.num_item_ids else make_param(
+            rngs, nnx.initializers.zeros, (config.num_item_ids, config.hidden_size), ("vocab", "embed"))
 
     @property
     def compute_dtype(self):
@@ -103,8 +109,8 @@ class Decoder(nnx.Module):
         return KVCache.create(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.compute_dtype)
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                      cache: KVCache | SharedPromptCache | None = None, dropout: Dropout | None = None
-                      ) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
+                      cache: KVCache | SharedPromptCache | None = None, dropout: Dropout | None = None,
+                      item_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
         """Final normed hidden states `[batch, len, embed]` and the updated cache (None without one).
 
         With a `SharedPromptCache` the rows are its sequences (`batch = requests * width`); the
@@ -115,12 +121,21 @@ class Decoder(nnx.Module):
             prompts = [PromptKeys(keys, values, prompt_mask)
                        for keys, values in zip(cache.prompt.keys, cache.prompt.values)]
             hidden, generated = self._hidden_states(tokens, positions, segment_ids, cache.generated, prompts,
-                                                    dropout)
+                                                    dropout, item_ids)
             return hidden, cache.replace(generated=generated)
-        return self._hidden_states(tokens, positions, segment_ids, cache, [None] * self.config.num_layers, dropout)
+        return self._hidden_states(tokens, positions, segment_ids, cache, [None] * self.config.num_layers, dropout,
+                                   item_ids)
+
+    def embed(self, tokens: jax.Array, item_ids: jax.Array | None = None) -> jax.Array:
+        """The input embeddings `[batch, len, embed]` of `tokens`, plus each `item_ids` > 0's identity row."""
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)  # [batch, len, embed]
+        if item_ids is not None and self.item_embed is not None:
+            identity = jnp.take(self.item_embed[...], item_ids, axis=0)  # [batch, len, embed]
+            x = x + jnp.where((item_ids > 0)[..., None], identity, 0.0)
+        return x.astype(self.compute_dtype)
 
     def _hidden_states(self, tokens, positions, segment_ids, cache: KVCache | None,
-                       prompts: list[PromptKeys | None], dropout: Dropout | None
+                       prompts: list[PromptKeys | None], dropout: Dropout | None, item_ids: jax.Array | None
                        ) -> tuple[jax.Array, KVCache | None]:
         batch, length = tokens.shape
         if segment_ids is None:
@@ -136,7 +151,7 @@ class Decoder(nnx.Module):
         mask = attention_mask(segment_ids, query_slots, key_segments, key_slots)  # [batch, len, keys]
         inv_freq = rope_inverse_frequencies(self.config)
 
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.compute_dtype)  # [batch, len, embed]
+        x = self.embed(tokens, item_ids)  # [batch, len, embed]
         if dropout is not None:
             x = dropout(x, 0)
         if cache is None and all(prompt is None for prompt in prompts):  # a full forward pass (training)
@@ -188,8 +203,8 @@ class Decoder(nnx.Module):
         return logits
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: KVCache | SharedPromptCache | None = None, dropout: Dropout | None = None
-                 ) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
+                 cache: KVCache | SharedPromptCache | None = None, dropout: Dropout | None = None,
+                 item_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
         """`(logits [batch, len, vocab] float32, updated cache or None)`."""
-        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, dropout)
+        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, dropout, item_ids)
         return self.logits(hidden), cache

@@ -39,11 +39,12 @@ def sequence_log_probs(logits: jax.Array, targets: jax.Array, weights: jax.Array
 def candidate_log_probs(model: Any, batch: dict[str, jax.Array], dropout: Any = None) -> jax.Array:
     """`[groups, candidates]` the summed log-probability of each candidate's completion under `model`
     (a `neo_jax.model.Decoder`), from a preference batch (`neo_jax.tasks.preference`: `tokens`,
-    `targets`, `loss_mask`, `segment_ids`, `positions` `[groups, candidates, len]`); 0 in empty slots."""
+    `targets`, `loss_mask`, `segment_ids`, `positions`, `item_ids` `[groups, candidates, len]`); 0 in
+    empty slots."""
     groups, candidates, length = batch["tokens"].shape
     rows = lambda x: x.reshape(groups * candidates, length)
     hidden, _ = model.hidden_states(rows(batch["tokens"]), rows(batch["positions"]), rows(batch["segment_ids"]),
-                                    dropout=dropout)  # [groups * candidates, len, embed]
+                                    dropout=dropout, item_ids=rows(batch["item_ids"]))  # [groups * candidates, len, embed]
     return sequence_log_probs(model.logits(hidden), rows(batch["targets"]),
                               rows(batch["loss_mask"])).reshape(groups, candidates)
 

@@ -14,7 +14,9 @@ Each batch is a dict of numpy arrays, all `[batch_size, seq_len]`:
   else 0.0;
 - `segment_ids` int32: 1, 2, ... for the examples packed into the row, 0 for padding
   (attention must not cross segments);
-- `positions` int32: position within the example (restarts at 0 for each segment).
+- `positions` int32: position within the example (restarts at 0 for each segment);
+- `item_ids` int32, only when `make_dataset` is given an `ItemIds`: the catalog item each `[/SID]`
+  closes, 1 + its row, else 0 (`neo_jax.catalog.item_ids`; the input of a model with item identity).
 An example longer than `seq_len + 1` tokens keeps its first `seq_len + 1`: a last resort that
 can cut the completion (or all of it, after a long prompt). Records written with a length limit of
 `seq_len + 1` (`write_records(max_length=...)`, `neo-jax data records --max-length`) never need it:
@@ -32,6 +34,7 @@ from typing import Mapping, Sequence
 import grain
 import numpy as np
 
+from neo_jax.catalog.item_ids import ItemIds
 from neo_jax.tasks.records import TokenizedExample
 from neo_jax.errors import UserError
 
@@ -125,9 +128,9 @@ def shard_records(paths: Sequence[str], shard_index: int, shard_count: int) -> g
 
 
 def make_dataset(paths: Sequence[str], config: PipelineConfig, shard_index: int = 0,
-                 shard_count: int = 1) -> grain.IterDataset:
+                 shard_count: int = 1, item_ids: ItemIds | None = None) -> grain.IterDataset:
     """The batches of this process (`shard_index` of `shard_count`, e.g. `jax.process_index()`
-    of `jax.process_count()`)."""
+    of `jax.process_count()`), with `item_ids` from the packed tokens when `item_ids` is given."""
     records = shard_records(paths, shard_index, shard_count)
     if config.task_weights:
         records = _task_mix(records, config, f"shard {shard_index} of {shard_count} of {paths[0]} ...")
@@ -144,11 +147,14 @@ def make_dataset(paths: Sequence[str], config: PipelineConfig, shard_index: int 
         seed=config.seed,
         shuffle_bins=config.shuffle,
     )
-    batches = packed.map(_batch_layout).batch(config.batch_size, drop_remainder=config.drop_remainder)
+    rows = packed.map(_batch_layout)
+    if item_ids is not None:
+        rows = rows.map(lambda row: {**row, "item_ids": item_ids(row["tokens"])})
+    batches = rows.batch(config.batch_size, drop_remainder=config.drop_remainder)
     return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch_batches)
 
 
 def make_iterator(paths: Sequence[str], config: PipelineConfig, shard_index: int = 0,
-                  shard_count: int = 1) -> grain.DatasetIterator:
+                  shard_count: int = 1, item_ids: ItemIds | None = None) -> grain.DatasetIterator:
     """An iterator over `make_dataset`'s batches; checkpoint it with `get_state()`/`set_state()`."""
-    return iter(make_dataset(paths, config, shard_index, shard_count))
+    return iter(make_dataset(paths, config, shard_index, shard_count, item_ids))

@@ -18,7 +18,9 @@ own row `prompt + completion`:
 - `segment_ids` int32: 1 on real tokens, 0 on padding (and on an empty candidate slot);
 - `positions` int32: 0, 1, ... along the row;
 - `candidates` bool `[groups, candidates]`: the slot holds a completion (slot 0, the chosen, always);
-- `reference` float32 `[groups, candidates]`: the reference log-probabilities, 0 in empty slots.
+- `reference` float32 `[groups, candidates]`: the reference log-probabilities, 0 in empty slots;
+- `item_ids` int32 `[groups, candidates, seq_len]`: the item each `[/SID]` closes
+  (`neo_jax.catalog.item_ids`; the input of a model with item identity), all 0 when no `ItemIds` is given.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from neo_jax.atomic import atomic_write_text
+from neo_jax.catalog.item_ids import ItemIds
 from neo_jax.errors import UserError
 from neo_jax.json_file import read_json_object
 from neo_jax.tasks.pipeline import shard_records
 from neo_jax.tasks.records import WRITER_OPTIONS, shard_paths
 
 PREFERENCE_FILE = "preference.json"  # in a preference records directory: {"candidates", "max_length", splits}
-PREFERENCE_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "candidates", "reference")
+PREFERENCE_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "candidates", "reference",
+                   "item_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,12 +118,14 @@ def preference_layout(directory: str | Path) -> dict:
     return read_json_object(path)
 
 
-def preference_features(record: bytes, seq_len: int, candidates: int) -> dict[str, np.ndarray]:
+def preference_features(record: bytes, seq_len: int, candidates: int,
+                        item_ids: ItemIds | None = None) -> dict[str, np.ndarray]:
     """One serialized `PreferenceExample` as fixed-shape features (see the module docstring)."""
-    return example_features(PreferenceExample.from_bytes(record), seq_len, candidates)
+    return example_features(PreferenceExample.from_bytes(record), seq_len, candidates, item_ids)
 
 
-def example_features(example: PreferenceExample, seq_len: int, candidates: int) -> dict[str, np.ndarray]:
+def example_features(example: PreferenceExample, seq_len: int, candidates: int,
+                     item_ids: ItemIds | None = None) -> dict[str, np.ndarray]:
     """`example` as fixed-shape features (see the module docstring)."""
     if len(example.completions) > candidates:
         raise UserError(f"a preference record has {len(example.completions)} completions, more than the "
@@ -141,17 +147,20 @@ def example_features(example: PreferenceExample, seq_len: int, candidates: int) 
         features["segment_ids"][slot, :length] = 1
         features["candidates"][slot] = True
         features["reference"][slot] = example.reference[slot]
+    features["item_ids"] = (np.zeros(shape, np.int32) if item_ids is None
+                            else item_ids(features["tokens"]))  # [candidates, seq_len]
     return features
 
 
 def make_preference_dataset(paths: Sequence[str], seq_len: int, candidates: int, batch_size: int, seed: int,
                             shuffle: bool = True, shard_index: int = 0, shard_count: int = 1,
-                            read_threads: int = 2, prefetch_batches: int = 2) -> grain.IterDataset:
+                            read_threads: int = 2, prefetch_batches: int = 2,
+                            item_ids: ItemIds | None = None) -> grain.IterDataset:
     """Endless `[batch_size, ...]` batches of the preference records of shard `shard_index` of
     `shard_count`, in a seeded order that changes every epoch (`shuffle`) or as written."""
     records = shard_records(paths, shard_index, shard_count)
     records = (records.shuffle(seed=seed) if shuffle else records).repeat()
-    batches = (records.map(lambda record: preference_features(record, seq_len, candidates))
+    batches = (records.map(lambda record: preference_features(record, seq_len, candidates, item_ids))
                .to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
                .batch(batch_size, drop_remainder=True))
     return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch_batches)

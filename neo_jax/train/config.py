@@ -52,6 +52,9 @@ class DataConfig:
     train_split: str = "train"
     valid_split: str = "valid"
     tokenizer: str | None = None  # MixedTokenizer directory; gives the vocabulary of a random model
+    # The `neo-jax sids build` directory whose items a model with item identity (`num_item_ids`) names;
+    # a random model's table is sized from it (`neo_jax.catalog.item_ids`).
+    sids: str | None = None
     num_shards: int | None = None  # default: the number of processes
     shuffle: bool = True
     packing_bins: int = 0  # rows packed at once per shard; 0: the shard's rows per batch

@@ -17,6 +17,7 @@ import grain
 import jax
 import numpy as np
 
+from neo_jax.catalog.item_ids import ItemIds
 from neo_jax.tasks.pipeline import PipelineConfig, make_dataset
 from neo_jax.tasks.preference import make_preference_dataset, preference_layout
 from neo_jax.tasks.records import record_paths
@@ -42,37 +43,40 @@ def _process_batches(config: TrainConfig, split: str, shuffle: bool, part: PartF
     return iter(grain.experimental.ZipIterDataset(parts).map(_concat_parts))
 
 
-def _packed_parts(config: TrainConfig, task_weights: Mapping[str, float]) -> PartFactory:
+def _packed_parts(config: TrainConfig, task_weights: Mapping[str, float], item_ids: ItemIds | None) -> PartFactory:
     """Parts packed from task records (`neo_jax.tasks.pipeline`), mixed by `task_weights` (empty: as written)."""
     def part(paths, rows, shuffle, shard, shards):
         pipeline = PipelineConfig(seq_len=config.seq_len, batch_size=rows, seed=config.seed, shuffle=shuffle,
                                   packing_bins=config.data.packing_bins, read_threads=config.data.read_threads,
                                   prefetch_batches=config.data.prefetch_batches, task_weights=task_weights)
-        return make_dataset(paths, pipeline, shard_index=shard, shard_count=shards)
+        return make_dataset(paths, pipeline, shard_index=shard, shard_count=shards, item_ids=item_ids)
     return part
 
 
-def _preference_parts(config: TrainConfig) -> PartFactory:
+def _preference_parts(config: TrainConfig, item_ids: ItemIds | None) -> PartFactory:
     """Parts of preference groups (`neo_jax.tasks.preference`), one chosen and the rejected each."""
     candidates = preference_layout(config.data.records_dir)["candidates"]
 
     def part(paths, rows, shuffle, shard, shards):
         return make_preference_dataset(paths, config.seq_len, candidates, rows, config.seed, shuffle, shard, shards,
-                                       config.data.read_threads, config.data.prefetch_batches)
+                                       config.data.read_threads, config.data.prefetch_batches, item_ids)
     return part
 
 
-def _parts(config: TrainConfig, task_weights: Mapping[str, float]) -> PartFactory:
-    """The stage's parts: preference groups in the preference stage, else packed task records."""
-    return _preference_parts(config) if config.stage == "preference" else _packed_parts(config, task_weights)
+def _parts(config: TrainConfig, task_weights: Mapping[str, float], item_ids: ItemIds | None) -> PartFactory:
+    """The stage's parts: preference groups in the preference stage, else packed task records; with
+    `item_ids` (a model with item identity), the batches carry the items the `[/SID]` tokens close."""
+    if config.stage == "preference":
+        return _preference_parts(config, item_ids)
+    return _packed_parts(config, task_weights, item_ids)
 
 
-def train_batches(config: TrainConfig) -> grain.DatasetIterator:
+def train_batches(config: TrainConfig, item_ids: ItemIds | None = None) -> grain.DatasetIterator:
     return _process_batches(config, config.data.train_split, config.data.shuffle,
-                            _parts(config, config.data.task_weights))
+                            _parts(config, config.data.task_weights, item_ids))
 
 
-def validation_batches(config: TrainConfig) -> grain.DatasetIterator:
+def validation_batches(config: TrainConfig, item_ids: ItemIds | None = None) -> grain.DatasetIterator:
     """The validation split in file order, its own task mix; every evaluation reads the same first
     `eval.batches` batches."""
-    return _process_batches(config, config.data.valid_split, False, _parts(config, {}))
+    return _process_batches(config, config.data.valid_split, False, _parts(config, {}, item_ids))

@@ -103,7 +103,7 @@ def completion_objective(graphdef: nnx.GraphDef, plan: StagePlan, unlikelihood: 
     def sums(trainable, frozen, batch, dropout):
         model = nnx.merge(graphdef, plan.adapted_params(trainable, frozen))
         hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                        dropout=dropout)  # [batch, len, embed]
+                                        dropout=dropout, item_ids=batch.get("item_ids"))  # [batch, len, embed]
         loss, weight, penalty = completion_loss_sums(hidden, model.logits, batch["targets"], batch["loss_mask"],
                                                      batch["segment_ids"], loss_chunk,
                                                      None if unlikelihood is None else unlikelihood.penalty)

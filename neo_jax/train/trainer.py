@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AbstractMesh, Mesh
 
 from neo_jax.atomic import atomic_write_text
+from neo_jax.catalog.item_ids import ItemIds, table_rows
 from neo_jax.catalog.sid_output import load_sid_output
 from neo_jax.checkpoint import (MODEL_CONFIG, TOKENIZER, abstract_decoder, load_hf_config, load_model,
                                 load_model_config, load_vocab_layout, save_model)
@@ -120,6 +121,25 @@ def model_source(config: TrainConfig) -> tuple[ModelConfig, VocabLayout]:
         raise UserError(f"data.tokenizer: the vocabulary layout of {config.data.tokenizer} differs from "
                         f"the one of init.checkpoint {config.init.checkpoint}")
     return model_config, layout
+
+
+def item_identity(config: TrainConfig, model_config: ModelConfig,
+                  layout: VocabLayout) -> tuple[ModelConfig, ItemIds | None]:
+    """The model config with its item-identity table sized, and the batches' item ids, from `data.sids`:
+    a random model gets a table of that catalog; a checkpoint's table must be that catalog's."""
+    if config.data.sids is None:
+        if model_config.num_item_ids:
+            raise UserError(f"init.checkpoint {config.init.checkpoint} has an item-identity table; set data.sids "
+                            "to the `neo-jax sids build` directory it was trained with")
+        return model_config, None
+    item_ids = ItemIds.build(load_sid_output(config.data.sids).trie, layout)
+    if config.init.model_config is not None:
+        return dataclasses.replace(model_config, num_item_ids=table_rows(item_ids.num_items)), item_ids
+    if not model_config.num_item_ids:
+        raise UserError(f"data.sids: init.checkpoint {config.init.checkpoint} has no item-identity table, and "
+                        "one is added only to a random model (init.model_config); leave data.sids unset")
+    item_ids.check_model(model_config.num_item_ids, f"init.checkpoint {config.init.checkpoint}")
+    return model_config, item_ids
 
 
 def _initial_params(config: TrainConfig, model_config: ModelConfig, layout: VocabLayout, mesh: Mesh) -> dict:
@@ -237,13 +257,14 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     check_against_mesh(config, dict(mesh.shape), jax.process_count())
     hooks = _config_hooks(config, mesh)
     model_config, layout = model_source(config)
+    model_config, item_ids = item_identity(config, model_config, layout)
     state_layout = train_state_layout(config, model_config, layout, mesh)
     shardings = state_layout.shardings
 
-    data = train_batches(config)
+    data = train_batches(config, item_ids)
     valid_batches = []  # every evaluation reads the same validation batches: read them once
     if config.eval.every_steps:
-        valid_batches = list(itertools.islice(validation_batches(config), config.eval.batches))
+        valid_batches = list(itertools.islice(validation_batches(config, item_ids), config.eval.batches))
     checkpoints = TrainCheckpoints(config.run_dir, config.checkpoint)
     start_step = checkpoints.latest_step()
     if start_step is not None:
