@@ -306,7 +306,7 @@ def test_every_task_header_round_trips_through_the_generate_command(cli_inputs, 
     root, catalog = cli_inputs
     product = catalog.type_names[0]
     sid = format_sid(product, (0, 1))
-    fields = {"history": sid, "history_titled": sid, "query": "red", "sid": sid, "text": "red"}
+    fields = {"history": sid, "history_titled": sid, "query": "red", "sid": sid, "text": "red", "user": sid}
     cases = [(task, ANY_TYPE if task == "user_profile" else product, output_format)
              for task in TASKS for output_format in TASK_FORMATS[task]]
     argv = ["--ckpt", str(root / "ckpt"), "--sids", str(root / "sids"), "--tokenizer", str(root / "tokenizer"),

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from neo_jax.data.schema import Catalog, Queries
 from neo_jax.data.splits import MIN_EVAL_LENGTH, leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
-from neo_jax.tasks.builders import (ANY_TYPE, TASK_FORMATS, TASKS, TEMPLATES, PromptHeader, TaskBuilder,
+from neo_jax.tasks.builders import (ANY_TYPE, DEFAULT_TASKS, TASK_FORMATS, TEMPLATES, PromptHeader, TaskBuilder,
                                     TaskConfig, build_eval_examples, build_train_examples, load_sid_map,
                                     parse_header, random_window_spans, read_examples, render_prompt, window_spans,
                                     write_examples)
@@ -103,7 +103,7 @@ def test_examples_carry_the_schema_fields(dataset):
     sid_map = toy_sid_map(dataset.catalog)
     split = leave_one_out(dataset.interactions.sequences())
     examples = build_train_examples(dataset, split, sid_map, TaskConfig(seed=0), dataset.queries)
-    assert {e.task for e in examples} == set(TASKS)
+    assert {e.task for e in examples} == set(DEFAULT_TASKS)
     templates_used = collections.defaultdict(set)
     for e in examples:
         header = parse_header(e.prompt)
@@ -117,7 +117,7 @@ def test_examples_carry_the_schema_fields(dataset):
             assert {t for t, _, _ in sids_out} == {e.entity_type}
         if e.output_format == "text":
             assert not sids_out
-    assert all(len(templates_used[t]) == len(TEMPLATES[t]) for t in TASKS)  # every phrasing is used
+    assert all(len(templates_used[t]) == len(TEMPLATES[t]) for t in DEFAULT_TASKS)  # every phrasing is used
     formats = collections.Counter((e.task, e.output_format) for e in examples if e.task == "recommend")
     assert set(f for _, f in formats) == {"ids", "mixed", "text"}
 

@@ -93,3 +93,16 @@ def item_embeddings(dataset: Dataset, config: EmbeddingConfig, seed: int,
     fused = fuse_embeddings([(_text_embeddings(dataset, config, seed), config.text_weight),
                              (_collaborative_embeddings(dataset, config, seed), config.collab_weight)])
     return fused, source
+
+
+def dual_inputs(dataset: Dataset, config: EmbeddingConfig, seed: int,
+                log: Callable[[str], None] = lambda message: None) -> np.ndarray:
+    """`[n_items, width]` the dual tokenization's item inputs (`neo_jax.catalog.dual`): the semantic vector
+    (the catalog's own embeddings when `source` is `catalog`, or `auto` and the catalog has them; else
+    the text encoder's) beside the collaborative one, fused with the configured weights."""
+    own = config.source == "catalog" or (config.source == "auto" and dataset.catalog.embeddings is not None)
+    log("embeddings: " + ("catalog" if own else f"text ({config.text_encoder})") + " and collaborative, for "
+        "the fusion networks")
+    semantic = _catalog_embeddings(dataset, config) if own else _text_embeddings(dataset, config, seed)
+    return fuse_embeddings([(semantic, config.text_weight),
+                            (_collaborative_embeddings(dataset, config, seed), config.collab_weight)])

@@ -24,8 +24,8 @@ from neo_jax.data.splits import leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.data.writers import write_dataset, write_queries
 from neo_jax.errors import UserError
-from neo_jax.tasks.builders import (TASKS, WINDOW_SAMPLING, TaskConfig, build_eval_examples, build_train_examples,
-                                    load_sid_map, read_examples, write_examples)
+from neo_jax.tasks.builders import (DEFAULT_TASKS, TASKS, USER_TASKS, WINDOW_SAMPLING, TaskConfig, build_eval_examples,
+                                    build_train_examples, load_sid_map, load_user_sids, read_examples, write_examples)
 from neo_jax.tasks.records import write_records
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.progress import Progress
@@ -58,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tasks.add_argument("data_dir", help="the data directory")
     tasks.add_argument("sids", help="sids.tsv written by `neo-jax sids build`")
     tasks.add_argument("out_dir", help="output directory for train/valid/test.jsonl")
-    tasks.add_argument("--tasks", default=",".join(TASKS),
-                       help="comma-separated tasks to write (default: all)")
+    tasks.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                       help=f"comma-separated tasks to write, of {','.join(TASKS)} (default: all but "
+                            f"{' and '.join(USER_TASKS)}, which need user SIDs)")
     tasks.add_argument("--max-history", type=int, default=20, help="most recent items shown in a prompt")
     tasks.add_argument("--window", type=int, default=0,
                        help="next-item examples as windows of this many history items, the loss on every "
@@ -71,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="each window example also carries one of its own items after its last one, whose "
                             "SID codes training makes unlikely there (at `neo-jax train`'s unlikelihood weight, "
                             "from its unlikelihood_avoided_from_level)")
+    tasks.add_argument("--user-sids", action="store_true",
+                       help="next-item prompts carry the user's SID on a line after the header (the SIDS file "
+                            "must hold the users', from `neo-jax sids build users.enabled=true`)")
     tasks.add_argument("--max-search-targets", type=int, default=5, help="examples per search query")
     tasks.add_argument("--explain-fraction", type=float, default=0.2,
                        help="share of training sequences also written as explanations")
@@ -143,17 +147,19 @@ def _tasks(args: argparse.Namespace) -> dict:
     config = TaskConfig(tasks=tuple(t for t in args.tasks.split(",") if t), max_history=args.max_history,
                         max_search_targets=args.max_search_targets, explain_fraction=args.explain_fraction,
                         window=args.window, window_sampling=args.window_sampling,
-                        avoid_repeats=args.avoid_repeats, seed=args.seed)
+                        avoid_repeats=args.avoid_repeats, user_sids=args.user_sids, seed=args.seed)
     dataset = load_dataset(args.data_dir)
     sid_map = load_sid_map(args.sids, dataset.catalog)
+    users = (load_user_sids(args.sids, dataset.catalog, dataset.interactions.user_ids)
+             if config.user_sids or set(config.tasks) & set(USER_TASKS) else None)
     split = leave_one_out(dataset.interactions.sequences())
     train_queries = test_queries = None
     if dataset.queries is not None:
         train_queries, test_queries = split_queries(dataset.queries, args.query_test_fraction, args.seed)
     examples = {
-        "train": build_train_examples(dataset, split, sid_map, config, train_queries),
-        "valid": build_eval_examples(dataset, split.valid, sid_map, config),
-        "test": build_eval_examples(dataset, split.test, sid_map, config),
+        "train": build_train_examples(dataset, split, sid_map, config, train_queries, users),
+        "valid": build_eval_examples(dataset, split.valid, sid_map, config, users),
+        "test": build_eval_examples(dataset, split.test, sid_map, config, users),
     }
     empty = [name for name, split_examples in examples.items() if not split_examples]
     if empty:

@@ -66,8 +66,9 @@ FIELDS: dict[str, dict[str, Field]] = {
         "template": Field("integer", "which of the task's phrasings (default 0)"),
         **_HISTORY,
         "query": Field("string", "the search query (task search)"),
-        "item": Field("string", "the item id the request is about (tasks sid_to_text, sid_to_type)"),
-        "text": Field("string", "an item description (task text_to_sid)"),
+        "item": Field("string", "the item (or user) id the request is about (tasks sid_to_text, sid_to_type, "
+                                "user_to_profile)"),
+        "text": Field("string", "an item description or a user profile (tasks text_to_sid, profile_to_user)"),
         **_COMMON,
     },
     "recommend": {
@@ -84,7 +85,7 @@ FIELDS: dict[str, dict[str, Field]] = {
     },
 }
 _PLACEHOLDER_FIELDS = {"history": "history", "history_titled": "history", "query": "query", "sid": "item",
-                       "text": "text"}  # template placeholder -> request field
+                       "user": "item", "text": "text"}  # template placeholder -> request field
 _KINDS = {"string": (str,), "integer": (int,), "boolean": (bool,)}
 
 
@@ -175,7 +176,7 @@ class RequestReader:
                       "history_titled": "; ".join(f"{sid} {titles.get(item) or ''}".strip()
                                                   for sid, item in zip(sids, history))}
         if "item" in wanted:
-            values["sid"] = self._sids([given["item"]], "item")[0]
+            values["sid"] = values["user"] = self._sids([given["item"]], "item")[0]
         values.update({name: _nonempty(given[name], name) for name in ("query", "text") if name in wanted})
         return render_prompt(task, entity_type, output_format, index, **{n: values[n] for n in needed})
 

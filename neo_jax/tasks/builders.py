@@ -10,7 +10,14 @@ output formats:
 - `search`: query -> a relevant item (`ids`, `mixed`);
 - `sid_to_text`: SID -> the item's text; `text_to_sid`: text -> SID; `sid_to_type`: SID -> type name;
 - `user_profile`: history -> a profile sentence from the phrases the history shares;
-- `explain`: history -> a recommended item and the reason, a phrase it shares with a history item.
+- `explain`: history -> a recommended item and the reason, a phrase it shares with a history item;
+- `profile_to_user`: a user's profile text -> their SID; `user_to_profile`: a user's SID -> their profile
+  text (Align3GR's behaviour level; both need user SIDs, `sids build`'s `users` section). A profile is
+  `profile_text` of the user's training items and of the negative feedback they gave before them.
+
+With `TaskConfig.user_sids`, every next-item prompt (per-prefix, window and evaluation) carries the
+user's SID on a line of its own after the header (`user: [SID]...[/SID]`), which belongs to the
+header: fitting a long prompt never drops it (`neo_jax.tasks.records.fit_example`).
 
 With `TaskConfig.window` > 0, next-item examples are windows of a history instead of one prompt
 per prefix: the prompt is the header alone and the completion is the window's items as SIDs back
@@ -46,7 +53,11 @@ from neo_jax.data.splits import LeaveOneOutSplit, SequenceExample
 from neo_jax.errors import UserError
 from neo_jax.vocab import format_sid
 
-TASKS = ("recommend", "search", "sid_to_text", "text_to_sid", "sid_to_type", "user_profile", "explain")
+TASKS = ("recommend", "search", "sid_to_text", "text_to_sid", "sid_to_type", "user_profile", "explain",
+         "profile_to_user", "user_to_profile")
+USER_TASKS = ("profile_to_user", "user_to_profile")  # need the users' SIDs
+DEFAULT_TASKS = tuple(t for t in TASKS if t not in USER_TASKS)
+USER_LINE = "user: "  # starts the line after the header that holds the user's SID
 OUTPUT_FORMATS = ("ids", "text", "mixed")
 ANY_TYPE = "any"  # the entity type field of tasks about a user rather than one type of item
 
@@ -59,9 +70,11 @@ TASK_FORMATS: dict[str, dict[str, float]] = {
     "sid_to_type": {"text": 1.0},
     "user_profile": {"text": 1.0},
     "explain": {"mixed": 1.0},
+    "profile_to_user": {"ids": 1.0},
+    "user_to_profile": {"text": 1.0},
 }
 
-# task -> phrasings; placeholders: {type} {history} {history_titled} {query} {sid} {text}
+# task -> phrasings; placeholders: {type} {history} {history_titled} {query} {sid} {text} {user}
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "recommend": (
         "The user interacted with these items, oldest first: {history}. Recommend the next {type}.",
@@ -97,6 +110,16 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "The user interacted with {history}. Recommend a {type} and explain why.",
         "History: {history}\nSuggest the next {type} with a reason.",
         "A user enjoyed {history_titled}. Which {type} should they see next, and why?",
+    ),
+    "profile_to_user": (
+        "Which {type} has this profile: {text}",
+        "Find the {type} described as: {text}",
+        "Give the ID of the {type} whose interests are: {text}",
+    ),
+    "user_to_profile": (
+        "Describe the interests of the user {user}.",
+        "What does the user {user} like?",
+        "Write a short profile of the user {user}.",
     ),
 }
 
@@ -179,13 +202,16 @@ SidMap = dict[int, tuple[str, tuple[int, ...]]]  # catalog row -> (entity type, 
 
 def load_sid_map(path: str | Path, catalog: Catalog) -> SidMap:
     """Read `sids.tsv` (`item_id`, `entity_type`, `level_0`, `level_1`, ...; a type with fewer
-    levels leaves its last cells empty or -1). Every catalog item must have exactly one SID."""
+    levels leaves its last cells empty or -1). Every catalog item must have exactly one SID; rows of
+    an entity type the catalog does not have (the users of `sids build`'s `users` section) are skipped."""
     path = Path(path)
     sid_map: SidMap = {}
     for line_number, record in read_records(path):
         missing = [c for c in ("item_id", "entity_type", "level_0") if c not in record]
         if missing:
             raise UserError(f"{path}:{line_number}: missing column(s) {missing}")
+        if record["entity_type"] not in catalog.type_names:
+            continue
         row = catalog.row_of.get(record["item_id"])
         if row is None:
             raise UserError(f"{path}:{line_number}: unknown item id {record['item_id']!r} (not in the catalog)")
@@ -206,6 +232,36 @@ def load_sid_map(path: str | Path, catalog: Catalog) -> SidMap:
     return sid_map
 
 
+@dataclasses.dataclass(frozen=True)
+class UserSids:
+    """The users' SIDs of a `sids build` with its `users` section."""
+
+    entity_type: str
+    sids: list[str]  # by user index (`Interactions.user_ids`), written with `format_sid`
+
+
+def load_user_sids(path: str | Path, catalog: Catalog, user_ids: list[str]) -> UserSids | None:
+    """The rows of `sids.tsv` of the one entity type the catalog does not have (the users'), or None
+    when it has none; each of `user_ids` must have exactly one."""
+    path, sids, type_names = Path(path), {}, set()
+    for line_number, record in read_records(path):
+        if record.get("entity_type") in catalog.type_names or "item_id" not in record:
+            continue
+        type_names.add(record["entity_type"])
+        cells = [str(record[f"level_{k}"]).strip() for k in range(len(record)) if f"level_{k}" in record]
+        sids[record["item_id"]] = format_sid(record["entity_type"], [int(c) for c in cells if c not in ("", "-1")])
+    if not sids:
+        return None
+    if len(type_names) > 1:
+        raise UserError(f"{path}: rows of several entity types the catalog lacks ({sorted(type_names)}); "
+                        "expected the users' alone")
+    missing = [u for u in user_ids if u not in sids]
+    if missing:
+        raise UserError(f"{path}: no SID for {len(missing)} user(s) of the interactions, e.g. {missing[0]!r}; "
+                        "build the SIDs from the same data")
+    return UserSids(type_names.pop(), [sids[u] for u in user_ids])
+
+
 # -- building examples ------------------------------------------------------------------------
 
 WINDOW_SAMPLING = ("tile", "random")
@@ -213,13 +269,14 @@ WINDOW_SAMPLING = ("tile", "random")
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     max_history: int = 20  # most recent items shown in a prompt
     max_search_targets: int = 5  # examples per query (one per relevant item)
     explain_fraction: float = 0.2  # share of training sequence examples also written as explanations
     window: int = 0  # > 0: next-item examples are windows of this many items (0: one prompt per prefix)
     window_sampling: str = "tile"  # tile: windows cover each history; random: as many, at random end points
     avoid_repeats: bool = False  # each window also carries one of its items as an avoided span
+    user_sids: bool = False  # next-item prompts carry the user's SID after the header
     seed: int = 0
 
     def __post_init__(self):
@@ -236,17 +293,22 @@ class TaskConfig:
             raise UserError("avoid_repeats needs window examples (window >= 2): the avoided span follows a window")
 
 
-def render_prompt(task: str, entity_type: str, output_format: str, template: int, **fields: str) -> str:
-    """A prompt: the header line, then template `template` of `task` filled with `fields`."""
+def render_prompt(task: str, entity_type: str, output_format: str, template: int, user_line: str = "",
+                  **fields: str) -> str:
+    """A prompt: the header line (and `user_line`), then template `template` of `task` filled with `fields`."""
     header = PromptHeader(task, entity_type, output_format)
-    return header.render() + TEMPLATES[task][template].format(type=entity_type, **fields)
+    return header.render() + user_line + TEMPLATES[task][template].format(type=entity_type, **fields)
 
 
 class TaskBuilder:
     """Renders task examples for one catalog and its SIDs; `rng` picks templates and formats."""
 
-    def __init__(self, catalog: Catalog, sid_map: SidMap, config: TaskConfig, rng: np.random.Generator):
-        self.catalog, self.config, self.rng = catalog, config, rng
+    def __init__(self, catalog: Catalog, sid_map: SidMap, config: TaskConfig, rng: np.random.Generator,
+                 users: UserSids | None = None):
+        if users is None and (config.user_sids or set(config.tasks) & set(USER_TASKS)):
+            raise UserError("user_sids and the tasks " + ", ".join(USER_TASKS) + " need the users' SIDs (build "
+                            "them with `neo-jax sids build users.enabled=true`)")
+        self.catalog, self.config, self.rng, self.users = catalog, config, rng, users
         rows = range(len(catalog))
         self._sids = [format_sid(*sid_map[r]) for r in rows]
         self._titles = [catalog.title(r) for r in rows]
@@ -258,6 +320,14 @@ class TaskBuilder:
     # items as text
     def sid(self, row: int) -> str:
         return self._sids[int(row)]
+
+    def _user_line(self, user: int | None) -> str:
+        """The line after the header naming the user, with `config.user_sids`; else nothing."""
+        if not self.config.user_sids:
+            return ""
+        if user is None:
+            raise UserError("user_sids: a next-item example was built without its user")
+        return f"{USER_LINE}{self.users.sids[user]}\n"
 
     def _answer(self, row: int, output_format: str) -> str:
         return {"ids": self.sid(row), "mixed": f"{self.sid(row)} {self._titles[row]}",
@@ -273,9 +343,9 @@ class TaskBuilder:
 
     # one example
     def _make(self, task: str, entity_type: str, fields: dict[str, str], answer: Callable[[str], str],
-              output_format: str | None = None, template: int | None = None) -> TaskExample:
+              output_format: str | None = None, template: int | None = None, user_line: str = "") -> TaskExample:
         """An example whose completion is `answer(output_format)`; format and template are seeded
-        random picks unless given."""
+        random picks unless given; `user_line` follows the header."""
         if output_format is None:
             formats, cumulative = self._format_draw[task]
             output_format = formats[min(int(np.searchsorted(cumulative, self.rng.random(), side="right")),
@@ -283,7 +353,7 @@ class TaskBuilder:
         if template is None:
             template = int(self.rng.random() * len(TEMPLATES[task]))
         return TaskExample(task, entity_type, output_format,
-                           render_prompt(task, entity_type, output_format, template, **fields),
+                           render_prompt(task, entity_type, output_format, template, user_line, **fields),
                            answer(output_format))
 
     def history_fields(self, history: np.ndarray) -> dict[str, str]:
@@ -294,27 +364,29 @@ class TaskBuilder:
 
     # the tasks
     def recommend(self, history: np.ndarray, target: int, output_format: str | None = None,
-                  template: int | None = None) -> TaskExample:
+                  template: int | None = None, user: int | None = None) -> TaskExample:
         return self._make("recommend", self.catalog.type_name(target), self.history_fields(history),
-                          lambda fmt: self._answer(target, fmt), output_format, template)
+                          lambda fmt: self._answer(target, fmt), output_format, template, self._user_line(user))
 
-    def window(self, rows: np.ndarray) -> TaskExample:
-        """A window example: the header alone, then every item of `rows` as SIDs; the header names
-        the items' type when they share one, else `any`. With `avoid_repeats`, one of `rows`
-        (a seeded uniform pick) is the avoided span."""
+    def window(self, rows: np.ndarray, user: int | None = None) -> TaskExample:
+        """A window example: the header (and the user's line), then every item of `rows` as SIDs;
+        the header names the items' type when they share one, else `any`. With `avoid_repeats`, one
+        of `rows` (a seeded uniform pick) is the avoided span."""
         types = {self.catalog.type_name(int(r)) for r in rows.tolist()}
         header = PromptHeader("recommend", types.pop() if len(types) == 1 else ANY_TYPE, "ids")
         avoid = self._sids[int(rows[self.rng.integers(len(rows))])] if self.config.avoid_repeats else ""
-        return TaskExample("recommend", header.entity_type, "ids", header.render(),
+        return TaskExample("recommend", header.entity_type, "ids", header.render() + self._user_line(user),
                            "".join(self._sids[int(r)] for r in rows.tolist()), avoid=avoid)
 
-    def window_eval(self, history: np.ndarray, target: int) -> TaskExample:
+    def window_eval(self, history: np.ndarray, target: int, user: int | None = None) -> TaskExample:
         """An evaluation example in the window layout: the header naming the asked type (the
-        target's), the newest `window - 1` history items, the target's SID as the completion."""
+        target's) and the user's line, the newest `window - 1` history items, the target's SID as the
+        completion."""
         header = PromptHeader("recommend", self.catalog.type_name(target), "ids")
         recent = history[-(self.config.window - 1):].tolist()
         return TaskExample("recommend", header.entity_type, "ids",
-                           header.render() + "".join(self._sids[r] for r in recent), self.sid(target))
+                           header.render() + self._user_line(user) + "".join(self._sids[r] for r in recent),
+                           self.sid(target))
 
     def search(self, query: str, target: int) -> TaskExample:
         return self._make("search", self.catalog.type_name(target), {"query": query},
@@ -335,6 +407,15 @@ class TaskBuilder:
     def user_profile(self, history: np.ndarray, disliked: np.ndarray) -> TaskExample:
         return self._make("user_profile", ANY_TYPE, self.history_fields(history),
                           lambda _: self.profile_text(history[-self.config.max_history:], disliked))
+
+    def profile_to_user(self, user: int, history: np.ndarray, disliked: np.ndarray) -> TaskExample:
+        profile = self.profile_text(history[-self.config.max_history:], disliked)
+        return self._make("profile_to_user", self.users.entity_type, {"text": profile}, lambda _: self.users.sids[user])
+
+    def user_to_profile(self, user: int, history: np.ndarray, disliked: np.ndarray) -> TaskExample:
+        return self._make("user_to_profile", self.users.entity_type, {"user": self.users.sids[user]},
+                          lambda _: self.profile_text(history[-self.config.max_history:], disliked))
+
 
     def explain(self, history: np.ndarray, target: int) -> TaskExample | None:
         """The target, with the most recent history item sharing a phrase with it as the reason;
@@ -379,24 +460,24 @@ def random_window_spans(length: int, window: int, rng: np.random.Generator) -> l
 
 
 def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: SidMap, config: TaskConfig,
-                         queries: Queries | None = None) -> list[TaskExample]:
+                         queries: Queries | None = None, users: UserSids | None = None) -> list[TaskExample]:
     """Training examples of every task in `config.tasks`, in a seeded random order.
 
-    Sequence tasks use only `split.train` and `split.train_sequences`; `user_profile` uses only
+    Sequence tasks use only `split.train` and `split.train_sequences`; the profile tasks use only
     the negative feedback given before each user's first held-out item (`negatives_before`);
     item tasks cover the whole catalog; search uses `queries` (the training share of the
-    dataset's queries).
+    dataset's queries); `users` (their SIDs) serve `config.user_sids` and the user tasks.
     """
     rng = np.random.default_rng(config.seed)
-    builder = TaskBuilder(dataset.catalog, sid_map, config, rng)
+    builder = TaskBuilder(dataset.catalog, sid_map, config, rng, users)
     tasks, examples = set(config.tasks), []
     if "recommend" in tasks and config.window:
         spans = ((lambda n: window_spans(n, config.window)) if config.window_sampling == "tile"
                  else (lambda n: random_window_spans(n, config.window, rng)))
-        examples += [builder.window(seq[start:end]) for seq in split.train_sequences
+        examples += [builder.window(seq[start:end], user) for user, seq in enumerate(split.train_sequences)
                      for start, end in spans(len(seq))]
     elif "recommend" in tasks:
-        examples += [builder.recommend(e.history, e.target) for e in split.train]
+        examples += [builder.recommend(e.history, e.target, user=e.user) for e in split.train]
     if "explain" in tasks:
         chosen = rng.random(len(split.train)) < config.explain_fraction
         explained = (builder.explain(e.history, e.target) for e, keep in zip(split.train, chosen) if keep)
@@ -408,27 +489,33 @@ def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: Sid
     for task in ("sid_to_text", "text_to_sid", "sid_to_type"):
         if task in tasks:
             examples += [getattr(builder, task)(row) for row in range(len(dataset.catalog))]
-    if "user_profile" in tasks:
+    if tasks & {"user_profile", *USER_TASKS}:
         # Only negative feedback from before the user's first held-out (validation) item: later
         # feedback would tell training about the time the evaluation asks to predict.
         negatives = dataset.interactions.negatives_before([len(seq) for seq in split.train_sequences])
-        examples += [builder.user_profile(seq, negatives[user])
-                     for user, seq in enumerate(split.train_sequences) if len(seq) >= 2]
+        if "user_profile" in tasks:
+            examples += [builder.user_profile(seq, negatives[user])
+                         for user, seq in enumerate(split.train_sequences) if len(seq) >= 2]
+        for task in USER_TASKS:
+            if task in tasks:
+                examples += [getattr(builder, task)(user, seq, negatives[user])
+                             for user, seq in enumerate(split.train_sequences) if len(seq) >= 1]
     return [examples[i] for i in rng.permutation(len(examples))]
 
 
 def build_eval_examples(dataset: Dataset, examples: list[SequenceExample], sid_map: SidMap,
-                        config: TaskConfig) -> list[TaskExample]:
+                        config: TaskConfig, users: UserSids | None = None) -> list[TaskExample]:
     """Next-item examples for validation or test: the window layout with `config.window`, else the
     first template; format `ids`. Each keeps the user's whole history, so an evaluation can leave
     it out of the ranking."""
-    builder = TaskBuilder(dataset.catalog, sid_map, config, np.random.default_rng(config.seed))
+    builder = TaskBuilder(dataset.catalog, sid_map, dataclasses.replace(config, tasks=("recommend",)),
+                          np.random.default_rng(config.seed), users)
     item_ids = dataset.catalog.item_ids
 
     def example(e: SequenceExample) -> TaskExample:
         if config.window:
-            return builder.window_eval(e.history, e.target)
-        return builder.recommend(e.history, e.target, output_format="ids", template=0)
+            return builder.window_eval(e.history, e.target, e.user)
+        return builder.recommend(e.history, e.target, output_format="ids", template=0, user=e.user)
 
     return [dataclasses.replace(example(e), history=tuple(item_ids[row] for row in e.history.tolist()))
             for e in examples]

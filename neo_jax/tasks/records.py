@@ -14,7 +14,8 @@ to shards round-robin.
 With a length limit (`max_length` > 0, the training `seq_len + 1`), an example longer than the
 limit is fitted here, where the tokenizer is known, so that the pipeline never has to cut it
 (`neo_jax.tasks.pipeline` keeps only the first `seq_len + 1` tokens, which would cut the
-completion): the completion is always kept whole and the prompt's header line never touched.
+completion): the completion is always kept whole and the prompt's header never touched (its first
+line, and the line naming the user that may follow it, `neo_jax.tasks.builders.USER_LINE`).
 1. History items are dropped from the prompt, oldest first, at the text level: the first SID span
    after the header (`[SID]...[/SID]`) is removed together with the text up to the next SID span
    (its title and separator, as `{history}` and `{history_titled}` write items), as often as
@@ -38,7 +39,7 @@ from typing import Iterable, Protocol
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from neo_jax.tasks.builders import TaskExample
+from neo_jax.tasks.builders import USER_LINE, TaskExample
 from neo_jax.errors import UserError
 from neo_jax.vocab import SID_OPEN
 
@@ -92,9 +93,13 @@ class Fit:
 
 
 def _split_header(prompt: str) -> tuple[str, str]:
-    """`(header line with its newline, the rest)` of a prompt."""
+    """`(header line with its newline, and the user's line after it if there is one; the rest)` of a prompt."""
     end = prompt.find("\n") + 1
-    return (prompt[:end], prompt[end:]) if end else (prompt, "")
+    if not end:
+        return prompt, ""
+    if prompt.startswith(USER_LINE, end) and prompt.find("\n", end) >= 0:
+        end = prompt.find("\n", end) + 1
+    return prompt[:end], prompt[end:]
 
 
 def _drop_oldest(body: str, starts: list[int], count: int) -> str:
