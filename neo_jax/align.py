@@ -44,6 +44,8 @@ import numpy as np
 from flax import nnx
 
 from neo_jax.atomic import atomic_write_text
+from neo_jax.catalog.item_ids import ItemIds
+from neo_jax.checkpoint import load_model_config
 from neo_jax.config import MeshConfig, add_config_arguments, load_config, to_dict
 from neo_jax.data.loaders import load_dataset
 from neo_jax.data.schema import Dataset
@@ -57,8 +59,8 @@ from neo_jax.model import Decoder
 from neo_jax.model.preference import candidate_log_probs
 from neo_jax.run_steps import StageSettings, say, train_stage
 from neo_jax.sharding import make_mesh
-from neo_jax.tasks.builders import (SidMap, TaskBuilder, TaskConfig, TaskExample, build_eval_examples,
-                                   load_sid_map)
+from neo_jax.tasks.builders import (SidMap, TaskBuilder, TaskConfig, TaskExample, UserSids, build_eval_examples,
+                                   load_sid_map, load_user_sids)
 from neo_jax.tasks.preference import PREFERENCE_KEYS, PreferenceExample, example_features, write_preference_records
 from neo_jax.train.self_play import DIFFICULTY_BINS, bin_negatives
 from neo_jax.train.monitor import read_metrics
@@ -77,6 +79,7 @@ class AlignConfig:
     out: str = "runs/align"
     stages: tuple[str, ...] = DIFFICULTY_BINS  # of `STAGES`, in the order to train
     window: int = 20  # history items per prompt + 1, as the model was trained (`neo-jax data tasks --window`)
+    user_sids: bool = False  # prompts name the user by their SID, as the model was trained (`--user-sids`)
     users: int = 4000  # training users mined per stage (0: all)
     valid_users: int = 500  # validation users mined per stage, for the validation DPO loss
     eval_users: int = 2000  # validation users of the Recall/NDCG evaluation after each stage (0: all)
@@ -138,19 +141,20 @@ def preference_examples(groups: Sequence[tuple[TaskExample, list[str]]], generat
                                   np.asarray(bos + tokenizer.encode(e.prompt), np.int32),
                                   tuple(np.asarray(tokenizer.encode(c), np.int32) for c in [e.completion, *rejected]),
                                   np.zeros(1 + len(rejected), np.float32)) for e, rejected in groups]
-    return scored_by(generator.model, examples, seq_len, batch_size)
+    return scored_by(generator.model, examples, seq_len, batch_size, generator.item_ids)
 
 
-def scored_by(model: Decoder, examples: Sequence[PreferenceExample], seq_len: int,
-              batch_size: int) -> list[PreferenceExample]:
-    """`examples` with `model`'s log-probability of each completion as their reference."""
+def scored_by(model: Decoder, examples: Sequence[PreferenceExample], seq_len: int, batch_size: int,
+              item_ids: ItemIds | None = None) -> list[PreferenceExample]:
+    """`examples` with `model`'s log-probability of each completion as their reference (`item_ids`: the
+    inputs of a model with item identity, as its training batches carry them)."""
     candidates = max(len(e.completions) for e in examples)
     graphdef, state = nnx.split(model)
     score = jax.jit(lambda state, batch: candidate_log_probs(nnx.merge(graphdef, state), batch))
     scored = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        features = [example_features(e, seq_len, candidates) for e in chunk]
+        features = [example_features(e, seq_len, candidates, item_ids) for e in chunk]
         features += [features[-1]] * (batch_size - len(chunk))  # one shape for every batch
         batch = {key: np.stack([f[key] for f in features]) for key in PREFERENCE_KEYS}
         log_probs = np.asarray(score(state, batch))[:len(chunk)]  # [groups, candidates]
@@ -169,7 +173,8 @@ class _Users:
     user_indices: list[int]  # into the interactions' user_ids
 
 
-def _users(dataset: Dataset, picked: list[SequenceExample], sid_map: SidMap, tasks: TaskConfig) -> _Users:
+def _users(dataset: Dataset, picked: list[SequenceExample], sid_map: SidMap, tasks: TaskConfig,
+           users: UserSids | None) -> _Users:
     cutoffs = np.zeros(dataset.interactions.num_users, np.int64)  # positives before each user's chosen item
     for e in picked:
         cutoffs[e.user] = e.position
@@ -177,7 +182,7 @@ def _users(dataset: Dataset, picked: list[SequenceExample], sid_map: SidMap, tas
     catalog = dataset.catalog
     disliked = [[int(r) for r in negatives[e.user][::-1]
                  if r != e.target and catalog.item_types[r] == catalog.item_types[e.target]] for e in picked]
-    return _Users(build_eval_examples(dataset, picked, sid_map, tasks), disliked, [e.user for e in picked])
+    return _Users(build_eval_examples(dataset, picked, sid_map, tasks, users), disliked, [e.user for e in picked])
 
 
 @dataclasses.dataclass
@@ -193,19 +198,23 @@ class _Inputs:
 
 def _inputs(config: AlignConfig) -> _Inputs:
     dataset = load_dataset(config.data)
-    sid_map = load_sid_map(Path(config.sids) / "sids.tsv", dataset.catalog)
+    sids_tsv = Path(config.sids) / "sids.tsv"
+    sid_map = load_sid_map(sids_tsv, dataset.catalog)
+    users = (load_user_sids(sids_tsv, dataset.catalog, dataset.interactions.user_ids) if config.user_sids
+             else None)
     split = leave_one_out(dataset.interactions.sequences())
-    tasks = TaskConfig(tasks=("recommend",), window=config.window, seed=config.seed)
-    builder = TaskBuilder(dataset.catalog, sid_map, tasks, np.random.default_rng(config.seed))
+    tasks = TaskConfig(tasks=("recommend",), window=config.window, user_sids=config.user_sids, seed=config.seed)
+    builder = TaskBuilder(dataset.catalog, sid_map, tasks, np.random.default_rng(config.seed), users)
     newest = newest_training_examples(split)
     if not newest or not split.valid:
         raise UserError(f"data: {config.data} has no user with two training items and a validation item")
-    return _Inputs(_users(dataset, sample_examples(newest, config.users, config.seed), sid_map, tasks),
-                   _users(dataset, sample_examples(split.valid, config.valid_users, config.seed + 1), sid_map, tasks),
-                   build_eval_examples(dataset, sample_examples(split.valid, config.eval_users, config.seed),
-                                       sid_map, tasks),
-                   build_eval_examples(dataset, sample_examples(split.test, config.test_users, config.seed),
-                                       sid_map, tasks) if config.test else [],
+    evaluated = lambda examples, count, seed: build_eval_examples(  # noqa: E731
+        dataset, sample_examples(examples, count, seed), sid_map, tasks, users)
+    return _Inputs(_users(dataset, sample_examples(newest, config.users, config.seed), sid_map, tasks, users),
+                   _users(dataset, sample_examples(split.valid, config.valid_users, config.seed + 1), sid_map, tasks,
+                          users),
+                   evaluated(split.valid, config.eval_users, config.seed),
+                   evaluated(split.test, config.test_users, config.seed) if config.test else [],
                    [builder.sid(r) for r in range(len(dataset.catalog))])
 
 
@@ -296,8 +305,9 @@ def run_align(config: AlignConfig) -> dict:
                                      mesh=config.mesh, warmup_steps=max(1, steps // 10), evaluations=2,
                                      eval_batches=max(1, records["valid"]["examples"] // config.batch_size),
                                      preference={"beta": config.beta, "chosen_nll": config.chosen_nll})
+            identity = load_model_config(reference).num_item_ids > 0  # its table names the SIDs' rows
             model = train_stage(PREFIX, stage_dir / "train", settings, {"checkpoint": str(reference)},
-                                stage_dir / "records", reference / "tokenizer")
+                                stage_dir / "records", reference / "tokenizer", Path(config.sids) if identity else None)
             result = {"stage": stage, "model": str(model), "reference": str(reference), "steps": steps,
                       "groups": records["train"]["examples"],
                       "rejected_per_group": records["train"]["rejected"] / records["train"]["examples"],

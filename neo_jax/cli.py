@@ -42,6 +42,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "trie": ("neo_jax.bench.trie", "SID trie build time, bytes and peak memory for a synthetic N-item catalog"),
     "decode": ("neo_jax.bench.decode", "constrained vs unconstrained vs host-trie beam search ms/step by catalog size"),
     "rec": ("neo_jax.bench.rec", "the generative recommender vs SASRec, transition and popularity on one dataset"),
+    "align": ("neo_jax.bench.align", "Align3GR's token, behaviour and preference levels, and the ablation of each"),
     "scale": ("neo_jax.bench.scale", "compiled per-device memory and compile time of the train and decode steps "
                                      "of 1B-class shapes on a device mesh"),
     "serve": ("neo_jax.bench.serve", "HTTP serving requests/s and latency: concurrent clients vs one at a time"),

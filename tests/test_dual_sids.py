@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neo_jax.catalog.commands import SidsBuildConfig, build_sids
 from neo_jax.catalog.dual import UserSidConfig, _init, _loss
@@ -21,6 +23,7 @@ from neo_jax.errors import UserError
 from neo_jax.tasks.builders import (USER_LINE, PromptHeader, TaskBuilder, TaskConfig, load_sid_map, load_user_sids,
                                     read_examples)
 from neo_jax.tasks.records import fit_example
+from neo_jax.vocab import format_sid
 
 SYNTHETIC = ["embedding.text.dim=32", "embedding.collab.dim=8", "embedding.collab.epochs=1",
              "sids.quantiser.kmeans_iters=5"]
@@ -169,3 +172,44 @@ def test_user_prompts_without_user_sids_are_refused(data_dir, tmp_path, capsys):
                  "--user-sids"])
     assert code == 2 and "need the users' SIDs" in capsys.readouterr().err
     assert not (tmp_path / "tasks").exists()
+
+
+@pytest.fixture(scope="module")
+def user_generator(dual, data_dir, tmp_path_factory, random_decoder):
+    """A random decoder over the dual SIDs' vocabulary (items and users), with its tokenizer."""
+    from neo_jax.catalog.sid_output import load_sid_output
+    from neo_jax.decode.generate import Generator
+    from neo_jax.model.config import ModelConfig
+    from neo_jax.tokenizer import MixedTokenizer
+
+    sids_dir, _ = dual
+    root = tmp_path_factory.mktemp("user_generator")
+    assert main(["data", "tasks", str(data_dir), str(sids_dir / "out" / "sids.tsv"), str(root / "tasks"),
+                 "--window", "4", "--user-sids", "--tasks", "recommend,profile_to_user,user_to_profile"]) == 0
+    assert main(["tokenizer", "build", str(root / "tokenizer"), "--sids", str(sids_dir / "out"), "--train",
+                 str(root / "tasks"), "--vocab-size", "400"]) == 0
+    tokenizer = MixedTokenizer.load(root / "tokenizer")
+    layout = tokenizer.layout
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=layout.padded_size, num_real_tokens=layout.size,
+                         hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                         max_position_embeddings=256)
+    output = load_sid_output(sids_dir / "out")
+    return Generator(random_decoder(config, seed=1), tokenizer, output, tokenizer.eos_id), output
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), asked=st.sampled_from(["product", "user"]))
+def test_an_asked_user_is_always_a_user_and_an_asked_item_never_is(user_generator, seed, asked):
+    """The decoder's type masks keep user SIDs out of item answers and item SIDs out of user answers,
+    whatever the prompt (random histories of items and users, in each ID-mode task)."""
+    from neo_jax.decode.generate import DecodeSettings
+
+    generator, output = user_generator
+    rng = np.random.default_rng(seed)
+    types = np.array([t.name for t in output.entity_types])[output.trie.item_types]  # [rows]
+    history = "".join(format_sid(types[r], [c for c in output.trie.codes[r].tolist() if c >= 0])
+                      for r in rng.choice(len(types), 5, replace=False).tolist())
+    task = "recommend" if asked == "product" else "profile_to_user"
+    prompt = PromptHeader(task, asked, "ids").render() + f"History: {history}"
+    beams = generator.generate([prompt], DecodeSettings("beam", max_new_tokens=8, beam_size=6))[0]
+    assert beams and all(len(b.items) == 1 and b.items[0].entity_type == asked for b in beams)

@@ -35,6 +35,7 @@ import yaml
 from neo_jax.atomic import atomic_write_text
 from neo_jax.baselines.train import SasRecTrainConfig
 from neo_jax.catalog.commands import SidsBuildConfig, build_sids
+from neo_jax.catalog.dual import UserSidConfig
 from neo_jax.catalog.embeddings import EmbeddingConfig
 from neo_jax.catalog.sids import QuantiserConfig, SidConfig
 from neo_jax.config import MeshConfig, load_config, to_dict
@@ -45,7 +46,7 @@ from neo_jax.eval.recommend import sample_indices
 from neo_jax.json_file import read_json_object
 from neo_jax.run_steps import DEFAULT_MODEL, StageSettings, cli_step, say, train_stage
 from neo_jax.train.trainer import SELECTION_FILE
-from neo_jax.tasks.builders import read_examples
+from neo_jax.tasks.builders import USER_TASKS, read_examples
 
 DATASETS = ("beauty", "sports")
 BASELINES = ("transition", "popularity", "sasrec")
@@ -69,6 +70,12 @@ class RecBenchConfig:
     # A learned vector per catalog item joins the input at each `[/SID]` that closes it (the random
     # model's item-identity table, `neo-jax train`'s `data.sids`; `neo_jax.catalog.item_ids`).
     item_ids: bool = False
+    # Align3GR's token and behaviour levels: users get SIDs of their own (`sids build`'s `users`
+    # section, `users.enabled`); with `user_sids` every next-item prompt names its user by their SID;
+    # `behaviour_tasks` adds the profile_to_user and user_to_profile examples to training.
+    users: UserSidConfig = UserSidConfig()
+    user_sids: bool = False
+    behaviour_tasks: bool = False
     # A pre-trained backbone (a `neo-jax import-hf` output, its tokenizer/ inside) instead of random
     # weights: its own tokenizer and model (`model` and `text_vocab_size` unused), SID rows alone for
     # `grounding_steps` (stage 2), then every weight for `steps`.
@@ -209,6 +216,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
                         f"(got {config.unlikelihood})")
     if config.beams < max(config.ks):
         raise UserError(f"beams ({config.beams}) must be at least the largest K ({max(config.ks)})")
+    if (config.user_sids or config.behaviour_tasks) and not config.users.enabled:
+        raise UserError("user_sids and behaviour_tasks need the users' SIDs: set users.enabled=true")
     if config.item_ids and config.backbone:
         raise UserError("item_ids gives a random model its item-identity table; a backbone has none (unset one)")
     backbone = _checked_backbone(config.backbone)
@@ -219,13 +228,14 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     if not (root / "sids").exists():
         say(PREFIX, f"sids: neo-jax sids build --config {root / 'bench_config.yaml'} (its embedding and sids)")
         clock.run("sids", build_sids, SidsBuildConfig(data=str(data_dir), output=str(root / "sids"), seed=config.seed,
-                                                      embedding=config.embedding, sids=config.sids))
+                                                      embedding=config.embedding, sids=config.sids,
+                                                      users=config.users))
     sids_summary = read_json_object(root / "sids" / "summary.json")
     clock.run("tasks", cli_step, PREFIX, "tasks", root / "tasks",
               ["data", "tasks", str(data_dir), str(root / "sids" / "sids.tsv"), str(root / "tasks"),
-               "--tasks", "recommend", "--window", str(config.window), "--window-sampling",
-               config.window_sampling, "--seed", str(config.seed),
-               *(["--avoid-repeats"] if config.avoid_repeats else [])])
+               "--tasks", ",".join(["recommend", *(USER_TASKS if config.behaviour_tasks else ())]),
+               "--window", str(config.window), "--window-sampling", config.window_sampling, "--seed", str(config.seed),
+               *(["--avoid-repeats"] if config.avoid_repeats else []), *(["--user-sids"] if config.user_sids else [])])
     text_source = (["--train", str(root / "tasks"), "--vocab-size", str(config.text_vocab_size)] if backbone is None
                    else ["--text", str(backbone / "tokenizer"), "--model", str(backbone)])
     clock.run("tokenizer", cli_step, PREFIX, "tokenizer", root / "tokenizer",
