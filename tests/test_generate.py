@@ -277,6 +277,30 @@ def test_generate_command_rejects_bad_requests(cli_inputs, capsys, argv, message
     assert code == 2 and message in err, err
 
 
+def test_an_in_stock_subset_is_built_on_the_device_once_and_reused(cli_inputs):
+    """Batches that name the same in-stock items reuse the subset's device arrays (the per-node scatter
+    runs once per subset), answer as a generator that builds it afresh does, and name only in-stock items."""
+    from neo_jax.decode.commands import load_generator
+
+    root, catalog = cli_inputs
+    mesh = make_mesh(MeshConfig())
+    generator = load_generator(root / "ckpt", root / "sids", mesh, root / "tokenizer")
+    product = catalog.type_names[0]
+    products = [catalog.item_ids[r] for r in catalog.rows_of_type(product)]
+    in_stock, other = set(products[::2]), set(products[1::3])
+    prompts = [f"task: recommend | type: {product} | format: ids\nuser {u}" for u in range(2)]
+    settings = DecodeSettings(method="beam", max_new_tokens=5, beam_size=4)
+    names = lambda answers: [[b.items[0].item_id for b in beams] for beams in answers]  # noqa: E731
+    first = names(generator.generate(prompts, settings, allowed_ids=in_stock))
+    again = names(generator.generate(prompts[::-1], settings, allowed_ids=set(in_stock)))  # same content
+    assert generator.subsets.built == 1 and again == first[::-1]
+    assert all(item in in_stock for beams in first for item in beams)
+    names(generator.generate(prompts, settings, allowed_ids=other))
+    assert generator.subsets.built == 2
+    fresh = load_generator(root / "ckpt", root / "sids", mesh, root / "tokenizer")
+    assert names(fresh.generate(prompts, settings, allowed_ids=in_stock)) == first
+
+
 def test_rank_items_gives_the_items_generate_names_in_the_same_order(cli_inputs):
     from neo_jax.decode.commands import load_generator
 

@@ -26,7 +26,9 @@ subtree still holds an allowed item, so a restricted catalog never leaves a beam
 
 from __future__ import annotations
 
+import collections
 import enum
+import hashlib
 from typing import Protocol, Sequence
 
 import flax.struct
@@ -108,19 +110,16 @@ class SidRequests:
     @classmethod
     def create(cls, tables: SidTables, allowed_types: jax.Array, output_format: jax.Array,
                excluded: jax.Array | None = None, excluded_tokens: jax.Array | None = None,
-               allowed_items: jax.Array | None = None) -> "SidRequests":
+               subset: "ItemSubset | None" = None) -> "SidRequests":
         """Device-side setup (traceable).
 
         `allowed_types` `[batch, num_types]` bool; `output_format` `[batch]` int32;
         `excluded` `[batch, max_excluded]` int32 sorted distinct trie positions of items the
         request may not name, `_NO_ITEM` padding, and `excluded_tokens` `[batch, max_excluded,
         max_levels]` int32 their SID tokens (-1 past an item's depth and in padding);
-        `allowed_items` `[n_items]` bool over trie order, shared by the batch.
+        `subset`: the only items the batch may name (in stock), already on the device.
         """
-        allowed_prefix = None  # [n_items + 1]: allowed items among the first k in trie order
-        if allowed_items is not None:
-            allowed_prefix = jnp.concatenate(
-                [jnp.zeros(1, jnp.int32), jnp.cumsum(allowed_items.astype(jnp.int32), dtype=jnp.int32)])
+        allowed_prefix = None if subset is None else subset.prefix  # [n_items + 1]
 
         def item_count(node: jax.Array) -> jax.Array:
             """Items each request may still name under each node: `[batch, n]` -> `[batch, n]`."""
@@ -144,7 +143,7 @@ class SidRequests:
             dead_parent, dead_code = _dead_children(tables, excluded_tokens, item_count)
         return cls(output_format=output_format.astype(jnp.int32), root_mask=root_mask,
                    has_items=jnp.any(root_mask, axis=1),
-                   child_bits=None if allowed_prefix is None else _restricted_bits(tables, allowed_prefix),
+                   child_bits=None if subset is None else subset.child_bits,
                    dead_parent=dead_parent, dead_code=dead_code)
 
     def cleared_bits(self, node: jax.Array, words: int) -> jax.Array:
@@ -191,6 +190,48 @@ def _restricted_bits(tables: SidTables, allowed_prefix: jax.Array) -> jax.Array:
 
 
 _create_requests = jax.jit(SidRequests.create)
+
+
+@flax.struct.dataclass
+class ItemSubset:
+    """An allowed-items subset (in stock) on the device, built once (`ItemSubsets`) and read by every
+    request batch that names it: the per-node scatter of its bitmaps runs once per subset, not per call."""
+
+    prefix: jax.Array  # [n_items + 1] int32: allowed items among the first k in trie order
+    child_bits: jax.Array  # [bitmap_rows, words] uint32: the tables' bitmaps less children with no allowed item
+
+    @classmethod
+    def create(cls, tables: SidTables, allowed_items: jax.Array) -> "ItemSubset":
+        """`allowed_items` `[n_items]` bool over trie order (traceable)."""
+        prefix = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(allowed_items.astype(jnp.int32),
+                                                                       dtype=jnp.int32)])
+        return cls(prefix=prefix, child_bits=_restricted_bits(tables, prefix))
+
+
+_create_subset = jax.jit(ItemSubset.create)
+
+
+class ItemSubsets:
+    """The allowed-items subsets seen so far, each on the device once, keyed by the mask's content
+    (a digest of its packed bits); the `capacity` most recently used are kept."""
+
+    def __init__(self, trie: SidTrie, tables: SidTables, capacity: int = 8):
+        self.trie, self.tables, self.capacity = trie, tables, capacity
+        self._subsets: collections.OrderedDict[bytes, ItemSubset] = collections.OrderedDict()
+        self.built = 0  # subsets computed on the device (the rest were reused)
+
+    def get(self, allowed_rows: np.ndarray) -> ItemSubset:
+        """The subset of `allowed_rows` `[n_items]` bool over catalog rows."""
+        key = hashlib.sha1(np.packbits(allowed_rows).tobytes()).digest()
+        if key in self._subsets:
+            self._subsets.move_to_end(key)
+            return self._subsets[key]
+        subset = _create_subset(self.tables, jnp.asarray(allowed_rows[self.trie.item_order]))
+        self.built += 1
+        self._subsets[key] = subset
+        if len(self._subsets) > self.capacity:
+            self._subsets.popitem(last=False)
+        return subset
 
 
 @flax.struct.dataclass
@@ -288,13 +329,14 @@ class SidConstraint:
 def sid_requests(trie: SidTrie, layout: VocabLayout, tables: SidTables, *,
                  entity_types: Sequence[Sequence[str] | None], output_formats: Sequence[str], beam_size: int,
                  excluded_rows: Sequence[Sequence[int]] | None = None, max_excluded: int | None = None,
-                 allowed_rows: np.ndarray | None = None) -> SidRequests:
+                 allowed_rows: np.ndarray | None = None, subsets: ItemSubsets | None = None) -> SidRequests:
     """Check a batch of user requests on the host and set them up on device.
 
     `entity_types[b]`: type names request b may name (None: every type); `output_formats[b]`:
     `ids`, `text` or `mixed`; `excluded_rows[b]`: catalog rows request b must not name (its
     history), padded to `max_excluded` entries if given (a fixed width keeps one compiled decoder
-    across batches); `allowed_rows` `[n_items]` bool over catalog rows (in stock), shared by the batch.
+    across batches); `allowed_rows` `[n_items]` bool over catalog rows (in stock), shared by the batch,
+    its device side taken from `subsets` when given (built once per subset), else built for this call.
     In ID mode each of the `beam_size` beams names a distinct item, so the allowed items must
     number at least `beam_size`.
     """
@@ -328,10 +370,12 @@ def sid_requests(trie: SidTrie, layout: VocabLayout, tables: SidTables, *,
     positions = tokens = None
     if excluded is not None:
         positions, tokens = _excluded_items(trie, layout, excluded, allowed_rows)
-    allowed_items = None if allowed_rows is None else jnp.asarray(allowed_rows[trie.item_order])  # [n_items]
+    subset = None
+    if allowed_rows is not None:
+        subset = (subsets if subsets is not None else ItemSubsets(trie, tables)).get(allowed_rows)
     return _create_requests(tables, jnp.asarray(allowed_types), jnp.asarray(formats),
                             None if positions is None else jnp.asarray(positions),
-                            None if tokens is None else jnp.asarray(tokens), allowed_items)
+                            None if tokens is None else jnp.asarray(tokens), subset)
 
 
 def _excluded_items(trie: SidTrie, layout: VocabLayout, excluded: np.ndarray,

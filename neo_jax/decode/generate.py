@@ -28,7 +28,7 @@ from neo_jax.catalog.item_ids import ItemIds
 from neo_jax.catalog.sid_output import SidOutput
 from neo_jax.catalog.table import SidTrie
 from neo_jax.decode.beam_search import beam_search, check_beam_settings
-from neo_jax.decode.constraint import Constraint, SidConstraint, Unconstrained, sid_requests
+from neo_jax.decode.constraint import Constraint, ItemSubsets, SidConstraint, Unconstrained, sid_requests
 from neo_jax.decode.sampling import check_sampling_settings, sample
 from neo_jax.decode.sid_tables import SidTables
 from neo_jax.decode.state import DecodeResult, TokensToLogits, is_alive
@@ -309,6 +309,8 @@ class Generator:
         self.titles, self.mesh = titles, mesh
         self.tables = SidTables.from_trie(sids.trie, layout, mesh)
         self.row_of_id = {item_id: row for row, item_id in enumerate(sids.item_ids)}
+        self.subsets = ItemSubsets(sids.trie, self.tables)  # in-stock subsets on the device, once each
+        self._last_mask: tuple[Collection[str], np.ndarray] | None = None  # (allowed ids, their mask)
         self.item_ids = ItemIds.build(sids.trie, layout)
         self.token_index = self.item_ids.index
         if model.config.num_item_ids:
@@ -373,7 +375,7 @@ class Generator:
                 output_formats=[output_format for _, output_format in headers], beam_size=settings.beam_size,
                 excluded_rows=excluded,
                 max_excluded=None if excluded is None else _exclusion_width(max([1] + [len(r) for r in excluded])),
-                allowed_rows=None if allowed_ids is None else self._mask(allowed_ids))
+                allowed_rows=None if allowed_ids is None else self._mask(allowed_ids), subsets=self.subsets)
             constraint = SidConstraint.create(self.tables, requests, layout, self.eos_id, ids_codes_only=True)
         else:
             constraint = Unconstrained(layout.size)
@@ -397,8 +399,13 @@ class Generator:
         return [self.row_of_id[i] for i in item_ids]
 
     def _mask(self, item_ids: Collection[str]) -> np.ndarray:
+        """`[n_items]` bool over catalog rows; the same collection as the last call's (a file of in-stock
+        ids given to every batch) reuses its mask instead of looking every id up again."""
+        if self._last_mask is not None and self._last_mask[0] is item_ids:
+            return self._last_mask[1]
         mask = np.zeros(len(self.sids.item_ids), bool)  # [n_items] over catalog rows
         mask[self._rows(list(item_ids), "allowed")] = True
+        self._last_mask = (item_ids, mask)
         return mask
 
     def _to_text(self, continuation: Continuation) -> GeneratedText:
