@@ -1,6 +1,6 @@
 """`neo-jax align`: preference alignment of a fine-tuned recommender, Align3GR's progressive
-softmax-DPO: self-play negatives easy, then medium, then hard, then real negative feedback, each
-stage's model the next one's reference.
+softmax-DPO: self-play negatives easy, then medium, then hard, then real feedback (disliked, then
+neutral), each stage's model the next one's reference.
 
     neo-jax align --config configs/align_beauty.yaml [KEY=VALUE ...]
     neo-jax align init=RUN/train/best data=DATA_DIR sids=SIDS_DIR out=runs/align [stages=[easy,hard]]
@@ -16,8 +16,8 @@ the `neo-jax sids build` directory it was trained on. Each stage, in `stages` or
    chosen one are binned by the SID prefix they share with it (`neo_jax.train.self_play`); the
    stage's bin gives up to `rejected` rejected items, and a user whose beams hold none of them is
    left out of the stage. The `disliked` stage takes instead the items of the asked type the user
-   gave negative feedback (the data's feedback field) before the chosen item, newest first: real
-   negatives, never mined. The same for `valid_users` validation users gives the validation loss.
+   gave negative feedback (the data's feedback field) before the chosen item, newest first, and the
+   `neutral` stage those they gave neutral feedback: real negatives, never mined. The same for `valid_users` validation users gives the validation loss.
 2. reference: the reference model's log-probability of every completion, stored in the
    preference records (`neo_jax.tasks.preference`, `records/`, written by one rename).
 3. train: a `neo-jax train` run of stage `preference` from the reference model, `epochs` passes
@@ -48,7 +48,7 @@ from neo_jax.catalog.item_ids import ItemIds
 from neo_jax.checkpoint import load_model_config
 from neo_jax.config import MeshConfig, add_config_arguments, load_config, to_dict
 from neo_jax.data.loaders import load_dataset
-from neo_jax.data.schema import Dataset
+from neo_jax.data.schema import NEGATIVE, NEUTRAL, Dataset
 from neo_jax.data.splits import LeaveOneOutSplit, SequenceExample, leave_one_out
 from neo_jax.decode.commands import load_generator
 from neo_jax.decode.generate import Generator
@@ -67,7 +67,7 @@ from neo_jax.train.monitor import read_metrics
 
 PREFIX = "align"
 RESULT_FILE = "result.json"
-FEEDBACK_STAGES = ("disliked",)  # real negative feedback, after the self-play bins
+FEEDBACK_STAGES = {"disliked": NEGATIVE, "neutral": NEUTRAL}  # real feedback after the self-play bins: its kind
 STAGES = (*DIFFICULTY_BINS, *FEEDBACK_STAGES)
 
 
@@ -165,11 +165,11 @@ def scored_by(model: Decoder, examples: Sequence[PreferenceExample], seq_len: in
 
 @dataclasses.dataclass
 class _Users:
-    """Seeded users of one split: their prompts (the chosen item the completion) and the catalog rows
-    of the asked type they gave negative feedback before the chosen item, newest first."""
+    """Seeded users of one split: their prompts (the chosen item the completion) and, per feedback
+    stage, the catalog rows of the asked type they gave that feedback before the chosen item, newest first."""
 
     examples: list[TaskExample]
-    disliked: list[list[int]]
+    feedback: dict[str, list[list[int]]]  # stage (`FEEDBACK_STAGES`) -> per example
     user_indices: list[int]  # into the interactions' user_ids
 
 
@@ -178,11 +178,14 @@ def _users(dataset: Dataset, picked: list[SequenceExample], sid_map: SidMap, tas
     cutoffs = np.zeros(dataset.interactions.num_users, np.int64)  # positives before each user's chosen item
     for e in picked:
         cutoffs[e.user] = e.position
-    negatives = dataset.interactions.negatives_before(cutoffs.tolist())  # per user, oldest first
     catalog = dataset.catalog
-    disliked = [[int(r) for r in negatives[e.user][::-1]
-                 if r != e.target and catalog.item_types[r] == catalog.item_types[e.target]] for e in picked]
-    return _Users(build_eval_examples(dataset, picked, sid_map, tasks, users), disliked, [e.user for e in picked])
+    feedback = {}
+    for stage, kind in FEEDBACK_STAGES.items():
+        given = dataset.interactions.negatives_before(cutoffs.tolist(), kind)  # per user, oldest first
+        feedback[stage] = [[int(r) for r in given[e.user][::-1]
+                            if r != e.target and catalog.item_types[r] == catalog.item_types[e.target]]
+                           for e in picked]
+    return _Users(build_eval_examples(dataset, picked, sid_map, tasks, users), feedback, [e.user for e in picked])
 
 
 @dataclasses.dataclass
@@ -221,12 +224,12 @@ def _inputs(config: AlignConfig) -> _Inputs:
 def _groups(config: AlignConfig, stage: str, users: _Users, generator: Generator,
             sids: list[str]) -> list[tuple[TaskExample, list[str]]]:
     """The stage's `(example, rejected SIDs)`: mined from the generator's beams (a self-play bin) or
-    the users' negative feedback (`disliked`)."""
+    the users' feedback (`disliked`: negative, `neutral`)."""
     if stage in DIFFICULTY_BINS:
         return mine_groups(generator, users.examples, sids, DIFFICULTY_BINS.index(stage), config.rejected,
                            config.beams, config.eval_batch_size)
     return [(example, [sids[r] for r in rows[:config.rejected]])
-            for example, rows in zip(users.examples, users.disliked) if rows]
+            for example, rows in zip(users.examples, users.feedback[stage]) if rows]
 
 
 def _write_records(config: AlignConfig, inputs: _Inputs, reference: Path, stage: str, stage_dir: Path) -> dict:
@@ -242,7 +245,7 @@ def _write_records(config: AlignConfig, inputs: _Inputs, reference: Path, stage:
     for split, users in (("train", inputs.train), ("valid", inputs.valid)):
         groups = _groups(config, stage, users, generator, inputs.sids)
         if not groups:
-            source = "beams" if stage in DIFFICULTY_BINS else "negative feedback"
+            source = "beams" if stage in DIFFICULTY_BINS else "feedback"
             raise UserError(f"stage {stage}: none of the {len(users.examples)} {split} users has a {stage} negative "
                             f"(from the reference model's {source}); leave the stage out of `stages`")
         scored = preference_examples(groups, generator, config.seq_len, config.eval_batch_size)

@@ -18,7 +18,7 @@ from neo_jax.bench.rec import RecBenchConfig, run_bench
 from neo_jax.cli import main
 from neo_jax.config import MeshConfig, load_config
 from neo_jax.data.loaders import load_dataset
-from neo_jax.data.schema import NEGATIVE, POSITIVE
+from neo_jax.data.schema import NEGATIVE, NEUTRAL, POSITIVE
 from neo_jax.checkpoint import load_model
 from neo_jax.errors import UserError
 from neo_jax.sharding import make_mesh
@@ -34,7 +34,7 @@ BENCH = ["steps=40", "batch_size=8", "seq_len=128", "window=6", "beams=10", "ks=
          "model.num_layers=1", "model.head_dim=8", "embedding.text_encoder=hashed_tfidf", "embedding.text.dim=32",
          "embedding.collab.epochs=1", "embedding.collab.dim=8", "sids.codebook_sizes=[8,8]",
          "sids.type_codebook_sizes={brand: [8], creator: [8]}", "baselines=[]", "evaluations=2"]
-STAGES = ("easy", "medium", "disliked")
+STAGES = ("easy", "medium", "disliked", "neutral")
 
 
 def align_settings(root: Path) -> list[str]:
@@ -97,7 +97,9 @@ def test_mined_negatives_are_catalog_items_of_the_asked_type_in_their_bin_never_
                     assert min(shared, len(DIFFICULTY_BINS) - 1) == DIFFICULTY_BINS.index(stage)
 
 
-def test_the_disliked_stage_rejects_the_users_own_negative_feedback_from_before_the_chosen_item(aligned):
+@pytest.mark.parametrize("stage,kind", [("disliked", NEGATIVE), ("neutral", NEUTRAL)])
+def test_a_feedback_stage_rejects_the_users_own_feedback_of_its_kind_from_before_the_chosen_item(aligned, stage,
+                                                                                                 kind):
     root, _ = aligned
     dataset = load_dataset(root / "data")
     interactions = dataset.interactions
@@ -106,7 +108,7 @@ def test_the_disliked_stage_rejects_the_users_own_negative_feedback_from_before_
     tokenizer = MixedTokenizer.load(root / "bench" / "tokenizer")
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     written = {tuple(g.prompt.tolist()): [tokenizer.decode(c.tolist()) for c in g.completions]
-               for g in stage_groups(root, 3, "disliked")}
+               for g in stage_groups(root, STAGES.index(stage) + 1, stage)}
     sid_rows = {sid: row for row, sid in enumerate(_inputs(config).sids)}
     checked = 0
     for example, user in zip(users.examples, users.user_indices):
@@ -119,7 +121,7 @@ def test_the_disliked_stage_rejects_the_users_own_negative_feedback_from_before_
                                                      & (interactions.feedback[events] == POSITIVE)]].max()
         for row in rejected:
             assert row != chosen and dataset.catalog.type_name(row) == example.entity_type
-            mine = events[(interactions.items[events] == row) & (interactions.feedback[events] == NEGATIVE)]
+            mine = events[(interactions.items[events] == row) & (interactions.feedback[events] == kind)]
             assert mine.size and interactions.timestamps[mine].min() <= chosen_time
         checked += 1
     assert checked == len(written) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -12,7 +13,7 @@ import pytest
 
 from neo_jax import cli
 from neo_jax.data.loaders import load_dataset, load_embeddings, load_interactions, load_items, load_queries
-from neo_jax.data.schema import NEGATIVE
+from neo_jax.data.schema import NEGATIVE, NEUTRAL
 from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.data.writers import write_dataset
 from neo_jax.errors import UserError
@@ -121,6 +122,23 @@ def test_synthetic_is_seeded_and_multi_type():
     assert len(first.catalog) == 300 and first.interactions.num_users == 120 and len(first.queries) == 40
     assert (first.interactions.feedback == NEGATIVE).any()
     assert all(len(r) >= 1 for r in first.queries.relevant)
+
+
+def test_neutral_feedback_is_generated_apart_and_survives_the_files(tmp_path):
+    """Neutral events (rating 3) come from a random stream of their own: without them the dataset's
+    histories and negative events are the same; written and loaded back, they stay neutral."""
+    with_neutral, without = generate(SMALL), generate(dataclasses.replace(SMALL, neutral_prob=0.0))
+    events = with_neutral.interactions
+    neutral = events.feedback == NEUTRAL
+    assert neutral.any() and (events.ratings[neutral] == 3.0).all()
+    for a, b in zip(events.sequences(), without.interactions.sequences()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(events.negatives(), without.interactions.negatives()):
+        np.testing.assert_array_equal(a, b)
+    (tmp_path / "data").mkdir()
+    write_dataset(with_neutral, tmp_path / "data")
+    loaded = load_dataset(tmp_path / "data").interactions
+    assert int((loaded.feedback == NEUTRAL).sum()) == int(neutral.sum())
 
 
 def test_synthetic_histories_follow_tastes():

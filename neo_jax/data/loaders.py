@@ -7,7 +7,7 @@ A data directory holds
 - optionally `embeddings.npy` `[n, dim]` with `embedding_ids.txt` (one item id a line,
   in the rows' order) instead of an inline `embedding` column;
 - `interactions.jsonl` or `interactions.tsv`: `user_id`, `item_id`, `timestamp`
-  (a number or an ISO 8601 date), optional `rating` and `feedback` (`positive`/`negative`);
+  (a number or an ISO 8601 date), optional `rating` and `feedback` (`positive`/`neutral`/`negative`);
 - optionally `queries.jsonl` or `queries.tsv`: `query` and `item_ids` (a JSON list in
   JSONL, space-separated ids in TSV).
 A directory with `sequences.txt` is read as the Amazon 2014 layout instead (see
@@ -25,13 +25,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from neo_jax.data.schema import NEGATIVE, POSITIVE, Catalog, Dataset, Interactions, Queries
+from neo_jax.data.schema import NEGATIVE, NEUTRAL, POSITIVE, Catalog, Dataset, Interactions, Queries
 from neo_jax.errors import UserError
 
 DEFAULT_ENTITY_TYPE = "item"
 AMAZON_ENTITY_TYPE = "product"
 _ITEM_KEYS = ("item_id", "entity_type", "embedding")
 _FEEDBACK_VALUES = {"positive": POSITIVE, "pos": POSITIVE, "1": POSITIVE,
+                    "neutral": NEUTRAL, "0": NEUTRAL,
                     "negative": NEGATIVE, "neg": NEGATIVE, "-1": NEGATIVE}
 
 
@@ -253,7 +254,7 @@ def _feedback(path: Path, line_number: int, value: Any) -> int:
         return POSITIVE
     key = str(value).strip().lower()
     if key not in _FEEDBACK_VALUES:
-        raise UserError(f"{path}:{line_number}: feedback {value!r} is not positive or negative")
+        raise UserError(f"{path}:{line_number}: feedback {value!r} is not positive, neutral or negative")
     return _FEEDBACK_VALUES[key]
 
 

@@ -15,7 +15,9 @@ import numpy as np
 from neo_jax.errors import UserError
 
 POSITIVE = 1
+NEUTRAL = 0  # seen and judged neither way (a middling rating): neither history nor a dislike
 NEGATIVE = -1
+FEEDBACK_NAMES = {POSITIVE: "positive", NEUTRAL: "neutral", NEGATIVE: "negative"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +86,8 @@ class Catalog:
 class Interactions:
     """One row per event: who touched which item when, with optional rating and feedback.
 
-    `feedback` is `POSITIVE` (1) or `NEGATIVE` (-1); without a feedback column every
-    event counts as positive.
+    `feedback` is `POSITIVE` (1), `NEUTRAL` (0) or `NEGATIVE` (-1); without a feedback column every
+    event counts as positive. Histories are the positive events; negative and neutral ones are feedback.
     """
 
     user_ids: list[str]
@@ -93,7 +95,7 @@ class Interactions:
     items: np.ndarray  # [n_events] int32, catalog rows
     timestamps: np.ndarray  # [n_events] int64
     ratings: np.ndarray | None = None  # [n_events] float32
-    feedback: np.ndarray | None = None  # [n_events] int8, POSITIVE or NEGATIVE
+    feedback: np.ndarray | None = None  # [n_events] int8, POSITIVE, NEUTRAL or NEGATIVE
 
     def __post_init__(self):
         n = self.users.shape[0]
@@ -130,8 +132,9 @@ class Interactions:
         negative = np.zeros(len(self), bool) if self.feedback is None else self.feedback == NEGATIVE
         return self._per_user(negative)
 
-    def negatives_before(self, positives_kept: list[int]) -> list[np.ndarray]:
-        """Per user u: the time-ordered catalog rows of negative events that come before the user's
+    def negatives_before(self, positives_kept: list[int], kind: int = NEGATIVE) -> list[np.ndarray]:
+        """Per user u: the time-ordered catalog rows of feedback events of `kind` (negative, or with
+        `NEUTRAL` neutral) that come before the user's
         positive event number `positives_kept[u]` (0-based, in the order of `sequences()`), i.e.
         while only the first `positives_kept[u]` items of the positive history had happened; all of
         them when the user has no more positives than that. Events are ordered by timestamp, ties
@@ -140,7 +143,7 @@ class Interactions:
         if len(positives_kept) != self.num_users:
             raise UserError(f"negatives_before: {len(positives_kept)} cut-offs for {self.num_users} users")
         positive = np.ones(len(self), bool) if self.feedback is None else self.feedback == POSITIVE
-        negative = np.zeros(len(self), bool) if self.feedback is None else self.feedback == NEGATIVE
+        negative = np.zeros(len(self), bool) if self.feedback is None else self.feedback == kind
         order = self._time_order()
         users = self.users[order]
         bounds = np.searchsorted(users, np.arange(self.num_users + 1))

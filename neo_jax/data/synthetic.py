@@ -7,7 +7,8 @@ description), `brand` and `creator`. Each user has a taste: a mixture of two or 
 topics. A history is a walk: with probability `follow_prob` the next item is the fixed
 successor of the previous one (a learnable sequential pattern), otherwise a popular unseen
 item of a topic drawn from the taste. Some events are negative feedback on items outside
-the taste. Search queries are phrased from item text, and each lists every item it
+the taste, and some neutral (rating 3) on unseen items of the taste, drawn from a random stream of
+their own so the positive and negative events are those of the same seed without them. Search queries are phrased from item text, and each lists every item it
 describes. Everything is a pure function of the seed.
 """
 
@@ -17,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from neo_jax.data.schema import NEGATIVE, POSITIVE, Catalog, Dataset, Interactions, Queries
+from neo_jax.data.schema import NEGATIVE, NEUTRAL, POSITIVE, Catalog, Dataset, Interactions, Queries
 from neo_jax.errors import UserError
 
 ENTITY_TYPES = ("product", "brand", "creator")
@@ -69,6 +70,7 @@ class SynthConfig:
     max_history: int = 20
     follow_prob: float = 0.5  # chance the next item is the previous item's successor
     negative_prob: float = 0.08  # chance of a negative event after each positive one
+    neutral_prob: float = 0.05  # chance of a neutral event after each positive one
 
     def __post_init__(self):
         if self.num_items < 4 * len(TOPICS) * len(ENTITY_TYPES):
@@ -164,6 +166,7 @@ def _make_histories(config: SynthConfig, items: _Items, rng: np.random.Generator
         rows = np.flatnonzero(items.topic == t)
         successor[rows] = rng.permutation(rows)
     users, events, times, ratings, feedback = [], [], [], [], []
+    neutral_rng = np.random.default_rng([config.seed, 1])  # its own stream: the other events stay the same
     for user in range(config.num_users):
         taste_topics = rng.choice(n_topics, rng.integers(2, 4), replace=False)
         taste = np.zeros(n_topics)  # [topics] this user's mixture
@@ -185,6 +188,12 @@ def _make_histories(config: SynthConfig, items: _Items, rng: np.random.Generator
             clock += int(rng.integers(3_600, 7 * 86_400))
             users.append(user), events.append(item), times.append(clock)
             ratings.append(float(rng.integers(4, 6))), feedback.append(POSITIVE)
+            if neutral_rng.random() < config.neutral_prob:
+                unseen_liked = np.flatnonzero(~seen & (liked > 0))
+                if unseen_liked.size:
+                    users.append(user), events.append(int(neutral_rng.choice(unseen_liked)))
+                    times.append(clock + int(neutral_rng.integers(1, 60)))
+                    ratings.append(3.0), feedback.append(NEUTRAL)
             if rng.random() < config.negative_prob:
                 weights = np.where(seen, 0.0, disliked)
                 item = int(rng.choice(n_items, p=weights / weights.sum()))

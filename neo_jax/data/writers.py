@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neo_jax.data.schema import NEGATIVE, Catalog, Dataset, Queries
+from neo_jax.data.schema import FEEDBACK_NAMES, Catalog, Dataset, Queries
 
 
 def _write_jsonl(path: Path, records) -> None:
@@ -35,7 +35,7 @@ def write_dataset(dataset: Dataset, directory: str | Path) -> None:
         if events.ratings is not None and not np.isnan(events.ratings[n]):
             record["rating"] = float(events.ratings[n])
         if events.feedback is not None:
-            record["feedback"] = "negative" if events.feedback[n] == NEGATIVE else "positive"
+            record["feedback"] = FEEDBACK_NAMES[int(events.feedback[n])]
         return record
 
     _write_jsonl(directory / "interactions.jsonl", (event(n) for n in range(len(events))))
