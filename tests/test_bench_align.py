@@ -86,3 +86,10 @@ def test_the_stored_reference_of_a_model_with_item_identity_is_its_own_scoring(b
 def test_unknown_variants_are_refused():
     with pytest.raises(UserError, match="variants"):
         load_config(AlignBenchConfig, None, ["variants=[full,no_language]"])
+
+
+def test_the_shipped_config_loads():
+    config = load_config(AlignBenchConfig, Path(__file__).resolve().parents[1] / "configs" /
+                         "bench_align_synthetic.yaml")
+    assert config.variants == ("full", "no_behaviour", "no_token")
+    assert config.align.stages[-2:] == ("disliked", "neutral") and config.rec.item_ids
