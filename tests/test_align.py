@@ -37,18 +37,27 @@ BENCH = ["steps=40", "batch_size=8", "seq_len=128", "window=6", "beams=10", "ks=
 STAGES = ("easy", "medium", "disliked", "neutral")
 
 
+# `neo-jax align` settings of a small run (the model, data, SIDs, output and stages aside)
+ALIGN = ["users=0", "valid_users=20", "eval_users=0", "beams=10", "rejected=2", "batch_size=8", "seq_len=128",
+         "eval_batch_size=8", "learning_rate=1e-3", "test_users=12"]
+
+
 def align_settings(root: Path) -> list[str]:
     return [f"init={root / 'bench' / 'train' / 'final'}", f"data={root / 'data'}", f"sids={root / 'bench' / 'sids'}",
-            f"out={root / 'align'}", "window=6", "users=0", "valid_users=20", "eval_users=0", "beams=10",
-            "rejected=2", "batch_size=8", "seq_len=128", "eval_batch_size=8", f"stages=[{','.join(STAGES)}]",
-            "learning_rate=1e-3", "test_users=12"]
+            f"out={root / 'align'}", "window=6", f"stages=[{','.join(STAGES)}]", *ALIGN]
+
+
+def small_catalog(root: Path) -> Path:
+    """A generated catalog of 150 items and 50 users at `root/data`."""
+    assert main(["data", "synth", str(root / "data"), "--num-items", "150", "--num-users", "50",
+                 "--num-queries", "5"]) == 0
+    return root / "data"
 
 
 @pytest.fixture(scope="module")
 def aligned(tmp_path_factory):
     root = tmp_path_factory.mktemp("align")
-    assert main(["data", "synth", str(root / "data"), "--num-items", "150", "--num-users", "50",
-                 "--num-queries", "5"]) == 0
+    small_catalog(root)
     run_bench(load_config(RecBenchConfig, None, [f"out={root / 'bench'}", *BENCH]), root / "data")
     return root, run_align(load_config(AlignConfig, None, align_settings(root)))
 

@@ -14,7 +14,6 @@ from neo_jax.align import scored_by
 from neo_jax.bench.align import AlignBenchConfig, run_bench_align
 from neo_jax.catalog.sid_output import load_sid_output
 from neo_jax.checkpoint import load_model
-from neo_jax.cli import main
 from neo_jax.config import MeshConfig, load_config
 from neo_jax.decode.commands import load_generator
 from neo_jax.errors import UserError
@@ -22,22 +21,18 @@ from neo_jax.sharding import make_mesh
 from neo_jax.tasks.builders import USER_LINE, read_examples
 from neo_jax.tasks.preference import PreferenceExample
 from neo_jax.tasks.records import record_paths
-from test_align import BENCH
+from test_align import ALIGN, BENCH, small_catalog
 
 SETTINGS = [*(f"rec.{s}" for s in BENCH), "rec.item_ids=true", "rec.users.codebook_sizes=[8,8]",
             "rec.users.steps=30", "rec.users.batch_size=32", "rec.users.dim=8", "rec.users.hidden=16",
-            "align.users=0", "align.valid_users=20", "align.eval_users=0", "align.beams=10", "align.rejected=2",
-            "align.batch_size=8", "align.seq_len=128", "align.eval_batch_size=8", "align.stages=[easy,disliked]",
-            "align.learning_rate=1e-3", "align.test_users=12"]
+            *(f"align.{s}" for s in ALIGN), "align.stages=[easy,disliked]"]
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_align")
-    assert main(["data", "synth", str(root / "data"), "--num-items", "150", "--num-users", "50",
-                 "--num-queries", "5"]) == 0
     config = load_config(AlignBenchConfig, None, [f"out={root / 'out'}", *SETTINGS])
-    return root, run_bench_align(config, root / "data")
+    return root, run_bench_align(config, small_catalog(root))
 
 
 def test_the_ablation_turns_each_level_off(bench):
