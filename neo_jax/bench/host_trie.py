@@ -98,5 +98,9 @@ class HostTrieConstraint:
             span_len=state.span_len + coded,
         )
 
+    def item_ids(self, state: HostSpanState, tokens: jax.Array) -> jax.Array:
+        """The bench's models have no item-identity table: no ids (`neo_jax.decode.state`)."""
+        return jnp.zeros(tokens.shape, jnp.int32)
+
     def complete(self, state: HostSpanState) -> jax.Array:
         return jnp.zeros((), bool)  # the baseline decodes the whole span, `[/SID]` and EOS included
