@@ -470,3 +470,13 @@ def test_collaborative_sid_embeddings_never_see_evaluation_targets():
     original, _ = item_embeddings(dataset, config, seed=0)
     after_change, _ = item_embeddings(changed, config, seed=0)
     np.testing.assert_array_equal(original, after_change)
+
+
+def test_rqvae_batches_draw_every_item_once_an_epoch():
+    from neo_jax.catalog.rqvae import epoch_batches
+
+    batches = np.asarray(epoch_batches(jax.random.key(3), 10, 4, 5))  # [steps, batch]: two epochs of 10 rows
+    assert batches.shape == (5, 4) and batches.dtype == np.int32
+    flat = batches.ravel()
+    assert sorted(flat[:10].tolist()) == list(range(10)) and sorted(flat[10:].tolist()) == list(range(10))
+    np.testing.assert_array_equal(batches, np.asarray(epoch_batches(jax.random.key(3), 10, 4, 5)))
