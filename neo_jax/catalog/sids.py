@@ -19,6 +19,7 @@ import numpy as np
 
 from neo_jax.catalog.collisions import CollisionMethod, CollisionStats, group_rows, resolve_collisions
 from neo_jax.catalog.kmeans import pairwise_sq_distances
+from neo_jax.catalog.minibatch import MiniBatchConfig, encode_in_chunks, fit_minibatch_residual_kmeans
 from neo_jax.catalog.residual import fit_residual_kmeans, residual_encode
 from neo_jax.catalog.rqvae import RqVaeConfig, fit_rqvae
 from neo_jax.errors import UserError
@@ -27,8 +28,11 @@ from neo_jax.vocab import EntityType
 
 @dataclasses.dataclass(frozen=True)
 class QuantiserConfig:
-    method: Literal["residual_kmeans", "rqvae"] = "residual_kmeans"
+    # residual_kmeans: Lloyd iterations over every item; minibatch_kmeans: mini-batches of them, for
+    # catalogs too large for that (`neo_jax.catalog.minibatch`); rqvae: a residual-quantised autoencoder.
+    method: Literal["residual_kmeans", "minibatch_kmeans", "rqvae"] = "residual_kmeans"
     kmeans_iters: int = 50  # Lloyd iterations per level (stops earlier once assignments settle)
+    minibatch: MiniBatchConfig = MiniBatchConfig()
     rqvae: RqVaeConfig = RqVaeConfig()
 
 
@@ -149,6 +153,12 @@ def check_sid_inputs(embeddings: np.ndarray, item_types: np.ndarray, type_names:
 def quantise(vectors: np.ndarray, codebook_sizes: tuple[int, ...], key: jax.Array,
              config: QuantiserConfig, keep_last_distances: bool):
     """`(codes [n, levels] int32, last-level distances [n, k] or None)` of one type's embeddings."""
+    if config.method == "minibatch_kmeans":
+        if keep_last_distances:
+            raise UserError("sids.collisions=balanced needs every item's distances to every last-level code, which "
+                            "minibatch_kmeans does not keep; use collisions=extra_level")
+        codebooks = fit_minibatch_residual_kmeans(vectors, codebook_sizes, key, config.minibatch)
+        return encode_in_chunks(vectors, codebooks, config.minibatch.chunk_rows), None
     if config.method == "rqvae":
         vectors, codebooks, _ = fit_rqvae(vectors, codebook_sizes, key, config.rqvae)
     else:
