@@ -57,6 +57,7 @@ class StageSettings:
     warmup_steps: int | None = None  # default: a tenth of the steps
     weight_decay: float | None = None  # default: 0 for grounding, 0.1 otherwise
     dropout: float = 0.0
+    item_id_dropout: float = 0.0  # `TrainConfig.item_id_dropout`
     unlikelihood: float = 0.0  # weight of the history unlikelihood term (`TrainConfig.unlikelihood`)
     unlikelihood_from_level: int = 1  # `TrainConfig.unlikelihood_from_level`
     unlikelihood_avoided_from_level: int = 2  # `TrainConfig.unlikelihood_avoided_from_level`
@@ -89,6 +90,7 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
                  **({} if sids is None else {"sids": str(sids)})},
         "mesh": dataclasses.asdict(settings.mesh), "steps": settings.steps, "batch_size": settings.batch_size,
         "seq_len": settings.seq_len, "log_every": settings.log_every, "dropout": settings.dropout,
+        "item_id_dropout": settings.item_id_dropout,
         "compute_dtype": settings.compute_dtype, "unlikelihood": settings.unlikelihood,
         "unlikelihood_from_level": settings.unlikelihood_from_level,
         "unlikelihood_avoided_from_level": settings.unlikelihood_avoided_from_level,

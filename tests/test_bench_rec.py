@@ -19,7 +19,8 @@ SMALL = ["steps=4", "batch_size=8", "seq_len=128", "window=6", "beams=5", "ks=[1
          "sids.codebook_sizes=[8,8]", "sids.type_codebook_sizes={brand: [8], creator: [8]}",
          "sasrec.epochs=1", "sasrec.model.hidden=16", "sasrec.model.max_len=8",
          "evaluations=2", "select=valid_ndcg@10", "select_users=8",
-         "unlikelihood=1.0", "avoid_repeats=true", "avoided_from_level=1", "item_ids=true"]
+         "unlikelihood=1.0", "avoid_repeats=true", "avoided_from_level=1", "item_ids=true",
+         "item_id_dropout=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_item_identity_rows_learn_for_the_items_training_closes(bench):
 
     root, _ = bench
     train = yaml.safe_load((root / "run" / "train.yaml").read_text())
-    assert train["data"]["sids"] == str(root / "run" / "sids")
+    assert train["data"]["sids"] == str(root / "run" / "sids") and train["item_id_dropout"] == 0.5
     n_items = load_sid_output(root / "run" / "sids").trie.n_items
     model = load_model(root / "run" / "train" / "final", make_mesh(MeshConfig()))
     assert model.config.num_item_ids == table_rows(n_items)

@@ -101,3 +101,15 @@ def test_decoding_feeds_each_generated_and_prompt_close_its_item(random_decoder,
             closes_fed += int(np.count_nonzero(ids[0, len(prompt) - 1:-1]))
             used |= abs(beam.log_prob - sum(blind[p, t] for p, t in steps)) > 1e-3
     assert closes_fed > 0 and used
+
+
+def test_item_id_dropout_drops_about_its_share_of_ids_and_only_ids():
+    from neo_jax.train.step import drop_item_ids
+
+    ids = jax.numpy.asarray(np.random.default_rng(0).integers(0, 50, (64, 256)), jax.numpy.int32)  # [batch, len]
+    dropped = np.asarray(drop_item_ids(ids, jax.random.key(1), 0.5))
+    was = np.asarray(ids) > 0
+    gone = was & (dropped == 0)
+    assert abs(gone.sum() / was.sum() - 0.5) < 0.02  # about half the ids
+    assert np.all((dropped == np.asarray(ids)) | (dropped == 0))  # an id is kept or zeroed, never changed
+    np.testing.assert_array_equal(dropped, np.asarray(drop_item_ids(ids, jax.random.key(1), 0.5)))  # seeded

@@ -70,6 +70,7 @@ class RecBenchConfig:
     # A learned vector per catalog item joins the input at each `[/SID]` that closes it (the random
     # model's item-identity table, `neo-jax train`'s `data.sids`; `neo_jax.catalog.item_ids`).
     item_ids: bool = False
+    item_id_dropout: float = 0.0  # share of the item ids dropped at each training step (`neo-jax train`'s)
     # Align3GR's token and behaviour levels: users get SIDs of their own (`sids build`'s `users`
     # section, `users.enabled`); with `user_sids` every next-item prompt names its user by their SID;
     # `behaviour_tasks` adds the profile_to_user and user_to_profile examples to training.
@@ -246,7 +247,8 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
     stage = StageSettings(stage="instruct", steps=config.steps, learning_rate=config.learning_rate,
                           batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed, mesh=config.mesh,
                           warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-                          dropout=config.dropout, unlikelihood=config.unlikelihood,
+                          dropout=config.dropout, item_id_dropout=config.item_id_dropout,
+                          unlikelihood=config.unlikelihood,
                           unlikelihood_from_level=config.history_from_level,
                           unlikelihood_avoided_from_level=config.avoided_from_level, ema_decay=config.ema_decay,
                           compute_dtype=config.compute_dtype, log_every=50, evaluations=config.evaluations,

@@ -156,6 +156,9 @@ class TrainConfig:
     attention_chunk: int = 0  # queries attended at a time; 0: all at once
     loss_chunk: int = 0  # positions the output head runs on at a time in the loss; 0: all at once
     dropout: float = 0.0  # on the embeddings and every residual branch, training only
+    # Share of the batches' item ids (`data.sids`: a model with item identity) dropped to 0 at each
+    # training step, so the model keeps reading an item's codes, not its identity alone; training only.
+    item_id_dropout: float = 0.0
     # Weight of the history unlikelihood term (`neo_jax.model.loss.history_unlikelihood`): the
     # codes that would name an item already in the sequence are penalised, from SID level
     # `unlikelihood_from_level` (0-based) on; 0 turns it off. With 3 levels of 256 over Beauty's
@@ -199,8 +202,9 @@ def check_settings(config: TrainConfig) -> None:
         raise UserError(f"seq_len must be at least 2, got {config.seq_len}")
     if config.loss_chunk < 0:
         raise UserError(f"loss_chunk must be non-negative, got {config.loss_chunk}")
-    if not 0.0 <= config.dropout < 1.0:
-        raise UserError(f"dropout must be in [0, 1), got {config.dropout}")
+    if not 0.0 <= config.dropout < 1.0 or not 0.0 <= config.item_id_dropout < 1.0:
+        raise UserError(f"dropout and item_id_dropout must be in [0, 1), got {config.dropout} and "
+                        f"{config.item_id_dropout}")
     if config.unlikelihood < 0 or min(config.unlikelihood_from_level, config.unlikelihood_avoided_from_level) < 0:
         raise UserError(f"unlikelihood, unlikelihood_from_level and unlikelihood_avoided_from_level must be "
                         f"non-negative, got {config.unlikelihood}, {config.unlikelihood_from_level} and "

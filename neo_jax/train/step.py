@@ -80,6 +80,14 @@ def train_state_shardings(abstract_state: TrainState, param_shardings: Params, p
     return shardings
 
 
+ITEM_ID_STREAM = 1_000_003  # folded into a micro-batch's key for its item-id dropout (apart from `Dropout`'s)
+
+
+def drop_item_ids(item_ids: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+    """`item_ids` `[batch, len]` with each id set to 0 (no item) with probability `rate`."""
+    return jnp.where(jax.random.bernoulli(key, 1.0 - rate, item_ids.shape), item_ids, 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Unlikelihood:
     """The history unlikelihood term of the train loss (`history_unlikelihood`), at `weight`."""
@@ -155,7 +163,7 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
                schedule: optax.Schedule, grad_accum_steps: int, state_shardings: TrainState,
                mesh: Mesh, dropout: float = 0.0, seed: int = 0,
                unlikelihood: Unlikelihood | None = None, ema_decay: float = 0.0, loss_chunk: int = 0,
-               preference: PreferenceConfig | None = None) -> StepFunctions:
+               preference: PreferenceConfig | None = None, item_id_dropout: float = 0.0) -> StepFunctions:
     """The jitted train step (donates its state) and eval step.
 
     With `dropout` > 0 the train step drops the model's embeddings and residual branches at
@@ -167,7 +175,9 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
     the average. `loss_chunk` > 0 runs the output head that many positions at a time in both steps
     (the float32 logits of the whole batch never exist at once). With `preference` both steps take
     preference batches (`neo_jax.tasks.preference`) and the objective is `preference_objective`'s
-    (`loss` is then the mean softmax-DPO loss of a group, `chosen_nll` and `accuracy` per group)."""
+    (`loss` is then the mean softmax-DPO loss of a group, `chosen_nll` and `accuracy` per group).
+    With `item_id_dropout` > 0 the train step sets that share of the batch's `item_ids` to 0 (no item),
+    drawn like the dropout masks; the eval step keeps them all."""
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_in = batch_sharding(mesh, 2)
     if preference is None:
@@ -192,6 +202,9 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
             grad_sum, sums = carry
             index, micro = indexed
             drop = Dropout(jax.random.fold_in(step_key, index), rate=dropout) if dropout else None
+            if item_id_dropout and "item_ids" in micro:
+                id_key = jax.random.fold_in(jax.random.fold_in(step_key, index), ITEM_ID_STREAM)
+                micro = {**micro, "item_ids": drop_item_ids(micro["item_ids"], id_key, item_id_dropout)}
             (_, micro_sums), grads = loss_and_grad(trainable, frozen, micro, drop)
             return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, sums, micro_sums)), None
 

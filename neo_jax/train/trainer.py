@@ -288,7 +288,7 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     steps = make_steps(state_layout.graphdef, plan, state_layout.tx, state_layout.masks,
                        learning_rate_schedule(config.optimizer, config.steps), config.grad_accum_steps, shardings,
                        mesh, config.dropout, config.seed, unlikelihood, config.optimizer.ema_decay, config.loss_chunk,
-                       config.preference if config.stage == "preference" else None)
+                       config.preference if config.stage == "preference" else None, config.item_id_dropout)
     flops_per_token = train_flops_per_token(matmul_params(state_layout.abstract_params), model_config.num_layers,
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
