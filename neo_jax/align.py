@@ -17,7 +17,8 @@ the `neo-jax sids build` directory it was trained on. Each stage, in `stages` or
    stage's bin gives up to `rejected` rejected items, and a user whose beams hold none of them is
    left out of the stage. The `disliked` stage takes instead the items of the asked type the user
    gave negative feedback (the data's feedback field) before the chosen item, newest first, and the
-   `neutral` stage those they gave neutral feedback: real negatives, never mined. The same for `valid_users` validation users gives the validation loss.
+   `neutral` stage those they gave neutral feedback: real negatives, never mined. The same for
+   `valid_users` validation users gives the validation loss.
 2. reference: the reference model's log-probability of every completion, stored in the
    preference records (`neo_jax.tasks.preference`, `records/`, written by one rename).
 3. train: a `neo-jax train` run of stage `preference` from the reference model, `epochs` passes

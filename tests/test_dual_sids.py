@@ -61,7 +61,8 @@ def test_users_get_distinct_sids_of_their_own_type_after_the_items(dual, data_di
     output = load_sid_output(tmp_path / "out")
     assert output.item_ids == list(dataset.catalog.item_ids) + list(dataset.interactions.user_ids)
     user_type = [t.name for t in output.entity_types].index("user")
-    assert (output.trie.item_types[:n_items] != user_type).all() and (output.trie.item_types[n_items:] == user_type).all()
+    assert (output.trie.item_types[:n_items] != user_type).all()
+    assert (output.trie.item_types[n_items:] == user_type).all()
     # the tasks read the item rows and pass over the users'
     sid_map = load_sid_map(tmp_path / "out" / "sids.tsv", dataset.catalog)
     assert len(sid_map) == n_items and {t for t, _ in sid_map.values()} == {"product", "brand", "creator"}

@@ -8,7 +8,8 @@ trie and writes OUTPUT/{trie/, sids.tsv, summary.json, config.json} all at once 
 is left at OUTPUT on error). With `users.enabled=true` the users get SIDs too, as their own entity
 type (`users.entity_type`, rows after the catalog's in sids.tsv): items and users are quantised from
 the vectors of fusion networks trained on their semantic and collaborative inputs with a user-to-item
-alignment loss (`neo_jax.catalog.dual`), and the summary holds each side's figures. Prints the summary as one JSON object; progress goes to stderr.
+alignment loss (`neo_jax.catalog.dual`), and the summary holds each side's figures. Prints the
+summary as one JSON object; progress goes to stderr.
 Example overrides: `output=runs/sids seed=1 sids.codebook_sizes=[64,64] sids.collisions=balanced`.
 """
 

@@ -80,8 +80,9 @@ def _dense(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
 
 def _init(key: jax.Array, inputs: int, config: UserSidConfig) -> dict:
     keys = jax.random.split(key, 7)
-    side = lambda k1, k2, k3: {"hidden": _dense(k1, inputs, config.hidden), "out": _dense(k2, config.hidden, config.dim),
-                               "decoder": _dense(k3, config.dim, inputs)}  # noqa: E731
+    def side(k1, k2, k3):
+        return {"hidden": _dense(k1, inputs, config.hidden), "out": _dense(k2, config.hidden, config.dim),
+                "decoder": _dense(k3, config.dim, inputs)}
     return {"items": side(*keys[:3]), "users": side(*keys[3:6]), "query": jnp.zeros(inputs)}
 
 

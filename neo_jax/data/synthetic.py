@@ -8,8 +8,9 @@ topics. A history is a walk: with probability `follow_prob` the next item is the
 successor of the previous one (a learnable sequential pattern), otherwise a popular unseen
 item of a topic drawn from the taste. Some events are negative feedback on items outside
 the taste, and some neutral (rating 3) on unseen items of the taste, drawn from a random stream of
-their own so the positive and negative events are those of the same seed without them. Search queries are phrased from item text, and each lists every item it
-describes. Everything is a pure function of the seed.
+their own so the positive and negative events are those of the same seed without them. Search
+queries are phrased from item text, and each lists every item it describes. Everything is a
+pure function of the seed.
 """
 
 from __future__ import annotations

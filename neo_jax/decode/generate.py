@@ -322,6 +322,8 @@ class Generator:
         if model.config.vocab_size != self.model.config.vocab_size:
             raise UserError(f"the new model has {model.config.vocab_size} vocabulary rows, "
                             f"not {self.model.config.vocab_size}")
+        if model.config.num_item_ids:
+            self.item_ids.check_model(model.config.num_item_ids, "the new model")
         generator = copy.copy(self)
         generator.model = model
         return generator

@@ -44,7 +44,7 @@ def candidate_log_probs(model: Any, batch: dict[str, jax.Array], dropout: Any = 
     groups, candidates, length = batch["tokens"].shape
     rows = lambda x: x.reshape(groups * candidates, length)
     hidden, _ = model.hidden_states(rows(batch["tokens"]), rows(batch["positions"]), rows(batch["segment_ids"]),
-                                    dropout=dropout, item_ids=rows(batch["item_ids"]))  # [groups * candidates, len, embed]
+                                    dropout=dropout, item_ids=rows(batch["item_ids"]))  # [groups*cands, len, embed]
     return sequence_log_probs(model.logits(hidden), rows(batch["targets"]),
                               rows(batch["loss_mask"])).reshape(groups, candidates)
 
