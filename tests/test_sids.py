@@ -18,7 +18,7 @@ from neo_jax.catalog.embed_collab import (CollabConfig, collaborative_embeddings
                                          fuse_embeddings)
 from neo_jax.catalog.embed_text import TextEncoderConfig, backbone_embeddings, hashed_tfidf_embeddings
 from neo_jax.catalog.kmeans import kmeans, kmeans_plus_plus
-from neo_jax.catalog.minibatch import MiniBatchConfig, encode_in_chunks, fit_minibatch_residual_kmeans
+from neo_jax.catalog.minibatch import MiniBatchConfig
 from neo_jax.catalog.residual import fit_residual_kmeans, residual_encode
 from neo_jax.catalog.rqvae import RqVaeConfig, fit_rqvae
 from neo_jax.catalog.sid_output import load_sid_output
@@ -507,10 +507,10 @@ def test_minibatch_sids_of_a_100k_catalog_match_the_in_memory_build_and_stream_f
     assert abs(mini.before.collision_rate - lloyd.before.collision_rate) <= MINIBATCH_TOLERANCE["collision_rate"]
     for ours, theirs in zip(mini.prefix_coherence, lloyd.prefix_coherence):
         assert ours >= theirs - MINIBATCH_TOLERANCE["prefix_coherence"], (mini.prefix_coherence, lloyd.prefix_coherence)
-    # the same seed from a memory-mapped .npy (read a batch at a time) gives the same codes
+    # the same seed from a memory-mapped .npy (read a batch or a chunk at a time) gives the same SIDs
     np.save(tmp_path / "x.npy", x)
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
-    key = jax.random.fold_in(jax.random.key(0), 0)  # `assign_sids`' key of the first type
-    codebooks = fit_minibatch_residual_kmeans(mapped, sizes, key, minibatch.minibatch)
-    codes = encode_in_chunks(mapped, codebooks, minibatch.minibatch.chunk_rows)
-    np.testing.assert_array_equal(codes, mini.codes[:, :3])
+    streamed = assign_sids(mapped, types, ("item",), SidConfig(codebook_sizes=sizes, quantiser=minibatch,
+                                                               disambiguation_order="catalog"), seed=0).per_type[0]
+    np.testing.assert_array_equal(streamed.codes, mini.codes)
+    assert streamed.prefix_coherence == pytest.approx(mini.prefix_coherence, abs=1e-9)

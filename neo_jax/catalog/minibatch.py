@@ -42,6 +42,21 @@ class MiniBatchConfig:
             raise UserError("sids.quantiser.minibatch: batch_size, steps, seed_rows and chunk_rows must be positive")
 
 
+class TypeRows:
+    """Rows `rows` (ascending) of `base` `[n, dim]` (an array or a memory map) as a read-on-demand array:
+    `shape`, and `[index]` by an index array or a slice, which reads just those rows of `base`."""
+
+    def __init__(self, base, rows: np.ndarray):
+        self.base, self.rows = base, np.asarray(rows, np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows.size, int(self.base.shape[1]))
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self.base[self.rows[index]])
+
+
 def _read(vectors, rows: np.ndarray) -> jax.Array:
     """`[len(rows), dim]` float32 of `vectors` (an array or a memory map) at `rows`, read in row order."""
     order = np.argsort(rows, kind="stable")

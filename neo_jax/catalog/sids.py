@@ -19,11 +19,13 @@ import numpy as np
 
 from neo_jax.catalog.collisions import CollisionMethod, CollisionStats, group_rows, resolve_collisions
 from neo_jax.catalog.kmeans import pairwise_sq_distances
-from neo_jax.catalog.minibatch import MiniBatchConfig, encode_in_chunks, fit_minibatch_residual_kmeans
+from neo_jax.catalog.minibatch import MiniBatchConfig, TypeRows, encode_in_chunks, fit_minibatch_residual_kmeans
 from neo_jax.catalog.residual import fit_residual_kmeans, residual_encode
 from neo_jax.catalog.rqvae import RqVaeConfig, fit_rqvae
 from neo_jax.errors import UserError
 from neo_jax.vocab import EntityType
+
+FIGURE_CHUNK_ROWS = 262144  # rows read at a time for the input check and the coherence figures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +134,11 @@ def check_sid_inputs(embeddings: np.ndarray, item_types: np.ndarray, type_names:
         raise UserError("the catalog is empty: there are no items to give SIDs")
     if embeddings.ndim != 2 or embeddings.shape[0] != n_items or embeddings.shape[1] < 1:
         raise UserError(f"item embeddings have shape {embeddings.shape}; expected ({n_items}, dim), one row per item")
-    if not np.isfinite(embeddings).all():
-        row = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=1))[0])
-        raise UserError(f"item embeddings: row {row} has a NaN or infinite value")
+    for start in range(0, n_items, FIGURE_CHUNK_ROWS):  # a chunk at a time: the embeddings may be a memory map
+        finite = np.isfinite(np.asarray(embeddings[start:start + FIGURE_CHUNK_ROWS])).all(axis=1)
+        if not finite.all():
+            raise UserError(f"item embeddings: row {start + int(np.flatnonzero(~finite)[0])} has a NaN or "
+                            "infinite value")
     unknown = sorted(set(config.type_codebook_sizes) - set(type_names))
     if unknown:
         raise UserError(f"sids.type_codebook_sizes names entity type(s) {unknown} that the catalog does not have "
@@ -168,24 +172,26 @@ def quantise(vectors: np.ndarray, codebook_sizes: tuple[int, ...], key: jax.Arra
     return np.asarray(encoded.codes, np.int32), None if distances is None else np.asarray(distances)
 
 
-def mean_pair_cosine(unit: np.ndarray, groups: np.ndarray) -> float:
+def mean_pair_cosine(vectors, groups: np.ndarray, chunk_rows: int = FIGURE_CHUNK_ROWS) -> float:
     """Mean cosine similarity of two distinct items of one group, over items in groups of two or
-    more (each group weighted by its size); `unit` `[n, dim]` L2-normalised, `groups` `[n]`."""
+    more (each group weighted by its size); `vectors` `[n, dim]` (an array or a lazy view of rows, read
+    `chunk_rows` at a time), `groups` `[n]`."""
     n_groups = int(groups.max()) + 1
     sizes = np.bincount(groups, minlength=n_groups).astype(np.float64)  # [n_groups]
-    sums = np.zeros((n_groups, unit.shape[1]))  # [n_groups, dim]
-    np.add.at(sums, groups, unit)
+    sums = np.zeros((n_groups, vectors.shape[1]))  # [n_groups, dim]
+    for start in range(0, groups.size, chunk_rows):
+        chunk = np.asarray(vectors[start:start + chunk_rows], np.float64)  # [chunk, dim]
+        np.add.at(sums, groups[start:start + chunk_rows],
+                  chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12))
     shared = sizes > 1
     pair_means = (np.sum(sums[shared] ** 2, axis=1) - sizes[shared]) / (sizes[shared] * (sizes[shared] - 1))
     return float(np.average(pair_means, weights=sizes[shared])) if shared.any() else float("nan")
 
 
-def prefix_coherence(embeddings: np.ndarray, codes: np.ndarray) -> list[float]:
+def prefix_coherence(vectors, codes: np.ndarray) -> list[float]:
     """NEO's criterion: for each prefix length 1 .. levels - 1, the mean cosine similarity of two
     items sharing that prefix of their SIDs (higher: a prefix groups items that mean alike)."""
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    unit = embeddings / np.maximum(norms, 1e-12)  # [n, dim]
-    return [mean_pair_cosine(unit, group_rows(codes[:, :length])[0]) for length in range(1, codes.shape[1])]
+    return [mean_pair_cosine(vectors, group_rows(codes[:, :length])[0]) for length in range(1, codes.shape[1])]
 
 
 def assign_sids(embeddings: np.ndarray, item_types: np.ndarray, type_names: tuple[str, ...], config: SidConfig,
@@ -194,8 +200,11 @@ def assign_sids(embeddings: np.ndarray, item_types: np.ndarray, type_names: tupl
     """Distinct SIDs for every item, per entity type. Same inputs and seed, same SIDs.
 
     `popularity` `[n_items]` (training events per item) orders the disambiguation level when
-    `config.disambiguation_order` is `popularity`."""
-    embeddings = np.asarray(embeddings, np.float32)  # [n_items, dim]
+    `config.disambiguation_order` is `popularity`. `embeddings` may be a memory-mapped `.npy`: with
+    `minibatch_kmeans` each type's rows are then read from it a batch or a chunk at a time
+    (`TypeRows`), never copied whole."""
+    if not isinstance(embeddings, np.memmap):
+        embeddings = np.asarray(embeddings, np.float32)  # [n_items, dim]
     item_types = np.asarray(item_types, np.int32)  # [n_items]
     check_sid_inputs(embeddings, item_types, type_names, config)
     if config.disambiguation_order == "popularity" and popularity is None:
@@ -208,17 +217,17 @@ def assign_sids(embeddings: np.ndarray, item_types: np.ndarray, type_names: tupl
         if rows.size == 0:
             raise UserError(f"entity type {name!r} has no items")
         key = jax.random.fold_in(jax.random.key(seed), type_index)
-        codes, last_distances = quantise(embeddings[rows], sizes, key, config.quantiser,
+        vectors = (TypeRows(embeddings, rows) if config.quantiser.method == "minibatch_kmeans"
+                   else np.asarray(embeddings[rows], np.float32))  # [n_t, dim]
+        codes, last_distances = quantise(vectors, sizes, key, config.quantiser,
                                          keep_last_distances=config.collisions == "balanced")
         priority = popularity[rows] if config.disambiguation_order == "popularity" else None
         resolved = resolve_collisions(codes, sizes, config.collisions, last_distances, priority,
                                       config.max_disambiguation_width)
-        vectors = embeddings[rows]  # [n_t, dim]
         per_type.append(TypeSids(name, rows, resolved.codes, resolved.codebook_sizes,
                                  len(resolved.codebook_sizes) > len(sizes), resolved.before, resolved.after,
                                  prefix_coherence(vectors, resolved.codes),
-                                 mean_pair_cosine(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True),
-                                                                       1e-12), np.zeros(rows.size, np.int64)),
+                                 mean_pair_cosine(vectors, np.zeros(rows.size, np.int64)),
                                  time.perf_counter() - start))
         log(f"sids: {name}: {rows.size} items, {len(resolved.codebook_sizes)} levels "
             f"{list(resolved.codebook_sizes)}, collision rate {resolved.before.collision_rate:.4f} -> "
