@@ -147,10 +147,7 @@ KILLED_RUN = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_preference_stage import SETTINGS, preference_config
-    import jax
     from neo_jax.train.trainer import train
-
-    jax.config.update("jax_enable_compilation_cache", False)  # a killed run must not leave a half-written entry
 
     root = Path({root!r})
 

@@ -36,9 +36,7 @@ def test_two_processes_of_two_devices_agree_with_one_process_of_four(tmp_path):
     settings = json.loads(json.dumps(to_dict(tiny_config(tmp_path, "two", SETTINGS))))  # tuples -> lists
     config_path.write_text(yaml.safe_dump(settings))
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     workers = [subprocess.Popen(
         [sys.executable, "-m", "neo_jax.cli", "train", "--config", str(config_path),
          f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",

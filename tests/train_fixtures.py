@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -18,17 +13,6 @@ from neo_jax.tokenizer import LAYOUT_FILE
 from neo_jax.train.config import TrainConfig
 from neo_jax.vocab import EntityType, VocabLayout
 
-# Every `train` call builds fresh jitted functions; the persistent cache lets the second and later
-# runs of the same shapes skip XLA compilation. One directory per test session, which its
-# subprocesses inherit through the environment and which goes at exit: the cache writes an entry in
-# place, so an entry that a killed run left half-written in a directory kept across runs crashed a
-# later run's read (a segmentation fault in CI, 2026-12-07). Runs the tests kill disable the cache.
-CACHE_ENV = "NEO_JAX_TEST_XLA_CACHE"
-if CACHE_ENV not in os.environ:
-    os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="neo_jax_test_xla_cache_")
-    atexit.register(shutil.rmtree, os.environ[CACHE_ENV], True)
-jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 MODEL_TINY = Path(__file__).parent.parent / "configs" / "model_tiny.yaml"
 LAYOUT = VocabLayout(text_size=96, entity_types=(EntityType("product", (8, 8)),), pad_multiple=32)
