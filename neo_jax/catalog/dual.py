@@ -39,6 +39,9 @@ import scipy.sparse
 from neo_jax.errors import UserError
 
 
+POOL_USERS = 4096  # users pooled at a time after training (their history inputs are [users, max_items, width])
+
+
 @dataclasses.dataclass(frozen=True)
 class UserSidConfig:
     """`sids build`'s `users:` section: users as their own entity type, with dual SIDs for both sides."""
@@ -187,8 +190,9 @@ def dual_vectors(inputs: np.ndarray, train_sequences: list[np.ndarray], valid_ta
                 f"reconstruction {history[-1]['reconstruction']:.4f}")
 
     histories = _padded_histories(train_sequences, lengths, np.arange(n_users), config.max_items)  # [n_users, max]
-    history_inputs = np.where((histories >= 0)[..., None], inputs[np.maximum(histories, 0)], 0.0)
-    pooled = np.asarray(_pool(params["query"], jnp.asarray(history_inputs, jnp.float32)))  # [n_users, width]
+    pooled = np.concatenate([np.asarray(_pool(params["query"], jnp.where(
+        (block >= 0)[..., None], device_inputs[jnp.maximum(block, 0)], 0.0)))
+        for block in np.array_split(histories, max(1, -(-n_users // POOL_USERS)))])  # [n_users, width], in blocks
     user_vectors = np.asarray(_fuse(params["users"], jnp.asarray(pooled)), np.float32)
     item_vectors = np.asarray(_fuse(params["items"], device_inputs), np.float32)
     tenth = max(1, config.steps // 10)
@@ -200,7 +204,7 @@ def dual_vectors(inputs: np.ndarray, train_sequences: list[np.ndarray], valid_ta
     checked = np.array(sorted(u for u in valid_targets if lengths[u] > 0), np.int64)
     if checked.size:
         targets = np.array([valid_targets[u] for u in checked.tolist()], np.int64)
-        uniform = np.where((histories[checked] >= 0)[..., None], history_inputs[checked], 0.0).sum(axis=1)
+        uniform = np.stack([inputs[row[row >= 0]].sum(axis=0) for row in histories[checked]])  # [checked, width]
         summary["valid_users"] = int(checked.size)
         summary["valid_recall@10_fused"] = round(_recall_at_10(user_vectors[checked], item_vectors, targets), 4)
         summary["valid_recall@10_inputs"] = round(_recall_at_10(uniform, inputs, targets), 4)
