@@ -1,4 +1,5 @@
-"""Shared test set-up: 8 emulated CPU devices, and tiny random Hugging Face models on disk."""
+"""Shared test set-up: 8 emulated CPU devices, compiled code released after each test file, and tiny
+random Hugging Face models on disk."""
 
 from __future__ import annotations
 
@@ -6,9 +7,26 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax is imported
 
+import gc  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_functions():
+    """Drop JAX's compiled executables after each test file.
+
+    XLA's CPU backend maps every executable's code into memory, and a process may hold at most
+    `vm.max_map_count` (65,530 here) mappings. The whole suite in one process compiles enough
+    functions to pass that limit, after which a compile or a cache read dies with a segmentation
+    fault; clearing the caches between files keeps the count bounded.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
+
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}

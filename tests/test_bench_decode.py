@@ -33,9 +33,21 @@ def test_bench_decode_prints_one_json_object_with_valid_items(capsys):
         assert result[f"{variant}_ms_per_step_growth"] == pytest.approx(max(per_step) / min(per_step), rel=1e-3)
 
 
+def test_bench_decode_over_several_types_names_only_items_of_the_asked_type(capsys):
+    assert cli.main(["bench", "decode", "--items", "90", "--types", "3", "--last-type-codebook-size", "32",
+                     *SMALL, "--batch", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["type_codebook_sizes"] == [16, 16, 32]
+    assert result["invalid_items"] == 0 and result["wrong_type_items"] == 0
+    (row,) = result["catalogs"]
+    assert row["items_decoded"] == 3 * 3 and 0.0 <= row["hf_topk_agreement"] <= 1.0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--items", "ten"], "--items must be comma-separated integers"),
-    (["--items", "2"], "--beams 3 is larger than the smallest catalog (2 items)"),
+    (["--items", "2"], "--beams 3 is more than the smallest catalog's items per type (2 items, --types 1)"),
+    (["--items", "10", "--types", "4"], "(10 items, --types 4)"),
+    (["--types", "0"], "--types must be positive"),
 ])
 def test_bench_decode_rejects_bad_flags(capsys, argv, message):
     assert cli.main(["bench", "decode", *SMALL, *argv]) == 2

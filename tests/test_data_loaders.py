@@ -94,6 +94,16 @@ def test_embeddings_from_npy_with_id_file(tmp_path, catalog):
     write(tmp_path / "ids.txt", "c\na\nb\n")
     with_embeddings = load_embeddings(tmp_path / "e.npy", tmp_path / "ids.txt", catalog, expected_dim=2)
     np.testing.assert_array_equal(with_embeddings.embeddings, [[2, 3], [4, 5], [0, 1]])
+    assert with_embeddings.embeddings.dtype == np.float32
+
+
+def test_embeddings_in_catalog_order_stay_memory_mapped(tmp_path, catalog):
+    values = np.arange(6, dtype=np.float16).reshape(3, 2)
+    np.save(tmp_path / "e.npy", values)
+    write(tmp_path / "ids.txt", "".join(f"{item_id}\n" for item_id in catalog.item_ids))
+    loaded = load_embeddings(tmp_path / "e.npy", tmp_path / "ids.txt", catalog).embeddings
+    assert isinstance(loaded, np.memmap) and loaded.dtype == np.float16  # not read, not copied
+    np.testing.assert_array_equal(loaded, values)
 
 
 @pytest.mark.skipif(not (AMAZON / "beauty").is_dir(), reason="the shared Amazon 2014 copy is not present")
@@ -259,6 +269,9 @@ def test_bad_npy_embeddings(tmp_path):
         load_embeddings(tmp_path / "e.npy", tmp_path / "ids.txt", catalog)
     write(tmp_path / "ids.txt", "a\n")
     with pytest.raises(UserError, match=r"ids.txt: 1 ids for 2 rows"):
+        load_embeddings(tmp_path / "e.npy", tmp_path / "ids.txt", catalog)
+    write(tmp_path / "ids.txt", "a\na\n")
+    with pytest.raises(UserError, match=r"ids.txt: item id 'a' is listed 2 times"):
         load_embeddings(tmp_path / "e.npy", tmp_path / "ids.txt", catalog)
 
 

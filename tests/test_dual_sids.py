@@ -96,12 +96,20 @@ def test_in_batch_negatives_leave_out_the_users_own_items():
     plain, _ = _loss(params, inputs, histories, positives, jnp.zeros((3, 3), bool), config)
     # pair 0 against its own item and pair 1's only, by hand from the unmasked logits
     from neo_jax.catalog.dual import _fuse, _pool
-    history_inputs = jnp.where((histories >= 0)[..., None], inputs[jnp.maximum(histories, 0)], 0.0)
-    logits = np.asarray(_fuse(params["users"], _pool(params["query"], history_inputs))
+    logits = np.asarray(_fuse(params["users"], _pool(params["query"], inputs, histories))
                         @ _fuse(params["items"], inputs[positives]).T / config.temperature)
     ce = lambda row, cols, target: -(row[target] - np.log(np.sum(np.exp(row[cols]))))  # noqa: E731
     expected = (ce(logits[0], [0, 1], 0) + ce(logits[1], [0, 1, 2], 1) + ce(logits[2], [0, 1, 2], 2)) / 3
     assert float(masked) == pytest.approx(expected, rel=1e-5) and float(masked) != pytest.approx(float(plain))
+
+
+def test_pooling_masks_padding_by_index_not_by_value():
+    """An item whose input is all zeros still takes attention; -1 entries (padding) take none."""
+    from neo_jax.catalog.dual import _pool
+    inputs = jnp.array([[0.0, 0.0], [1.0, 1.0]])  # item 0 is the zero vector
+    pooled = np.asarray(_pool(jnp.array([1.0, 0.0]), inputs, jnp.array([[0, 1], [1, -1], [-1, -1]])))
+    weight = np.exp(1.0) / (1.0 + np.exp(1.0))  # softmax of scores [0, 1]: item 1's share
+    np.testing.assert_allclose(pooled, [[weight, weight], [1.0, 1.0], [0.0, 0.0]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -16,6 +16,7 @@ from neo_jax.data.schema import Catalog
 from neo_jax.errors import UserError
 from neo_jax.tasks.builders import TaskBuilder, TaskConfig, TaskExample, write_examples
 from neo_jax.tasks.pipeline import PipelineConfig, make_iterator
+from neo_jax.tasks import records as records_module
 from neo_jax.tasks.records import Fit, TokenizedExample, fit_example, record_paths, tokenize_example, write_records
 
 BOS, EOS = 1, 2
@@ -173,7 +174,7 @@ TEXT_MODEL = Path("/work/shared/data/tokenizers/mistral_v1_32k.model")
 
 
 @pytest.mark.skipif(not TEXT_MODEL.exists(), reason="needs the shared sentencepiece model")
-def test_records_command_fits_examples_with_the_mixed_tokenizer(tmp_path):
+def test_records_command_fits_examples_with_the_mixed_tokenizer(tmp_path, monkeypatch):
     from neo_jax.tokenizer import MixedTokenizer, SentencePieceTokenizer
     from neo_jax.vocab import EntityType, VocabLayout
 
@@ -203,6 +204,14 @@ def test_records_command_fits_examples_with_the_mixed_tokenizer(tmp_path):
         assert builder.sid(n - 1) in prompt  # the newest item stays
         if record.prompt.size + record.completion.size < len(tokenizer.encode(example.prompt + example.completion)):
             assert builder.sid(0) not in prompt  # the oldest went first
+
+    # Tokenized in two worker processes, several chunks each: the same records in the same order.
+    monkeypatch.setattr(records_module, "WORKER_CHUNK", 5)
+    assert cli.main(["data", "records", str(tmp_path / "ex"), str(tmp_path / "tokenizer"), str(tmp_path / "rec2"),
+                     "--shards", "1", "--splits", "train", "--max-length", str(limit), "--workers", "2"]) == 0
+    assert json.loads((tmp_path / "rec2" / "summary.json").read_text())["splits"]["train"] == summary
+    parallel = grain.sources.ArrayRecordDataSource(record_paths(tmp_path / "rec2", "train"))
+    assert [parallel[i] for i in range(len(parallel))] == [source[i] for i in range(len(source))]
 
 
 def test_an_avoided_span_is_kept_whole_after_the_completion_with_the_eos():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ from neo_jax.catalog.embed_collab import (CollabConfig, collaborative_embeddings
                                          fuse_embeddings)
 from neo_jax.catalog.embed_text import TextEncoderConfig, backbone_embeddings, hashed_tfidf_embeddings
 from neo_jax.catalog.kmeans import kmeans, kmeans_plus_plus
-from neo_jax.catalog.minibatch import MiniBatchConfig
+from neo_jax.catalog.minibatch import MiniBatchConfig, encode_in_chunks, fit_minibatch_residual_kmeans
 from neo_jax.catalog.residual import fit_residual_kmeans, residual_encode
 from neo_jax.catalog.rqvae import RqVaeConfig, fit_rqvae
 from neo_jax.catalog.sid_output import load_sid_output
@@ -409,6 +410,45 @@ def test_build_on_an_unseen_tsv_catalog(tmp_path, capsys):
     # the same seed gives the same SIDs
     assert main(["sids", "build", *small_config_args(data, tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "sids.tsv").read_text() == (tmp_path / "out" / "sids.tsv").read_text()
+
+
+def test_minibatch_kmeans_split_over_eight_devices_agrees_with_one():
+    """Data parallel: batches and chunks split by rows over the devices (the last chunk, 5000 % 1500 rows,
+    does not divide and is copied to each), the same codebooks to float rounding and the same codes."""
+    assert jax.device_count() == 8
+    x = np.random.default_rng(0).normal(size=(5000, 16)).astype(np.float32)  # [items, dim]
+    config = MiniBatchConfig(batch_size=512, steps=30, seed_rows=2000, chunk_rows=1500)
+    built = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        codebooks = fit_minibatch_residual_kmeans(x, (32, 32), jax.random.key(0), config, devices)
+        built.append((codebooks, encode_in_chunks(x, codebooks, config.chunk_rows, devices)))
+    (one, one_codes), (eight, eight_codes) = built
+    assert len(eight[0].sharding.device_set) == 8
+    for a, b in zip(one, eight):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    assert (one_codes != eight_codes).any(axis=1).mean() <= 0.001
+
+
+def test_build_from_a_memory_mapped_float16_npy_matches_a_copied_one(tmp_path):
+    """`embeddings.npy` in catalog order stays a memory map (float16 here) through `sids build`;
+    the same rows listed in another order are copied; both give the same SIDs."""
+    data = write_tsv_catalog(tmp_path / "data")
+    item_ids = [f"it{i}" for i in range(60)]
+    vectors = np.random.default_rng(3).normal(size=(60, 6)).astype(np.float16)  # [items, dim]
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(data, shuffled)
+    order = np.random.default_rng(4).permutation(60)
+    for directory, rows in ((data, np.arange(60)), (shuffled, order)):
+        np.save(directory / "embeddings.npy", vectors[rows])
+        (directory / "embedding_ids.txt").write_text("".join(f"{item_ids[r]}\n" for r in rows), encoding="utf-8")
+    settings = ["embedding.source=catalog", "sids.codebook_sizes=[4,4]", "sids.quantiser.method=minibatch_kmeans",
+                "sids.quantiser.minibatch.batch_size=16", "sids.quantiser.minibatch.steps=20",
+                "sids.quantiser.minibatch.chunk_rows=7"]
+    for directory, out in ((data, "mapped"), (shuffled, "copied")):
+        assert main(["sids", "build", f"data={directory}", f"output={tmp_path / out}", *settings]) == 0
+    mapped = (tmp_path / "mapped" / "sids.tsv").read_text()
+    assert mapped == (tmp_path / "copied" / "sids.tsv").read_text()
+    assert len({tuple(line.split("\t")[1:]) for line in mapped.splitlines()[1:]}) == 60
 
 
 def test_synthetic_config_builds(tmp_path):

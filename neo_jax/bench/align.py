@@ -1,7 +1,7 @@
 """`neo-jax bench align`: Align3GR's three alignment levels on one dataset, and the ablation that turns
 each one off.
 
-    neo-jax bench align --dataset beauty [--config configs/bench_align_cpu.yaml] [KEY=VALUE ...]
+    neo-jax bench align --dataset beauty [--config configs/bench_align_beauty.yaml] [KEY=VALUE ...]
     neo-jax bench align --data DIR [--config FILE] [KEY=VALUE ...]
 
 Each variant is a `neo-jax bench rec` run (`rec`: SIDs, window training, test evaluation) followed by

@@ -1,8 +1,10 @@
 """`neo-jax bench decode`: the cost of the on-device SID constraint in jitted beam search.
 
-For each catalog size (synthetic SIDs of one entity type, default 10k, 1M and 10M items of 4
-levels of 256 codes) one random decoder runs the same beam search loop three ways on the same
-prefilled prompts, in ID mode (`[SID]`, one item's codes, `[/SID]`, EOS):
+For each catalog size (synthetic SIDs, default 10k, 1M and 10M items of 4 levels of 256 codes, of
+one entity type, or split evenly over `--types` types, each prompt asking for one of them in turn;
+`--last-type-codebook-size 1024` gives the last type wider codebooks, as NEO's layout has) one
+random decoder runs the same beam search loop three ways on the same prefilled prompts, in ID mode
+(`[SID]`, one item's codes, `[/SID]`, EOS):
 - `constrained`: `SidConstraint`, the trie as device bitmaps (one row per beam a step);
 - `unconstrained`: `Unconstrained`, the no-op constraint in the same loop;
 - `host_trie`: `HostTrieConstraint`, a Python dict trie consulted on the host every step
@@ -14,7 +16,8 @@ rounds, so a shared machine's slow spells hit them alike: `*_ms_per_step` is the
 rounds, `overhead_ratio` and `speedup_vs_host_trie` are medians of the per-round ratios (runs
 seconds apart), and `*_overhead_ms_per_step` is the difference of the medians: the
 constraint's own cost in the loop.
-`invalid_items` counts decoded SIDs of the constrained run that name no catalog item (must be 0).
+`invalid_items` counts decoded SIDs of the constrained run that name no catalog item, and
+`wrong_type_items` those naming an item of another type than the prompt asked for (both must be 0).
 
 At the smallest size, unless `--no-torch`, the same weights are exported as a Hugging Face
 model and decoded by transformers `generate(num_beams, prefix_allowed_tokens_fn)` with the
@@ -61,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated catalog sizes (default 10000,1000000,10000000)")
     parser.add_argument("--levels", type=int, default=4, help="SID levels (default 4)")
     parser.add_argument("--codebook-size", type=int, default=256, help="codes per level (default 256)")
+    parser.add_argument("--types", type=int, default=1,
+                        help="entity types the items are split among evenly; prompt b asks for type b mod TYPES "
+                             "(default 1: every prompt may name any item)")
+    parser.add_argument("--last-type-codebook-size", type=int, default=0,
+                        help="codes per level of the last type (default 0: --codebook-size)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
                         help="decoder shape, random weights (default small)")
     parser.add_argument("--batch", type=int, default=4, help="prompts per batch (default 4)")
@@ -76,10 +84,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_mesh_arguments(parser)
 
 
-def bench_layout(text_vocab: int, levels: int, codebook_size: int) -> VocabLayout:
-    """One entity type `item`; text ids fill the preset's vocabulary minus the specials."""
-    return VocabLayout(text_size=text_vocab - len(DEFAULT_SPECIALS),
-                       entity_types=(EntityType("item", (codebook_size,) * levels),), pad_multiple=1)
+def type_codebook_sizes(args: argparse.Namespace) -> list[int]:
+    """Codes per level of each entity type."""
+    return [args.codebook_size] * (args.types - 1) + [args.last_type_codebook_size or args.codebook_size]
+
+
+def bench_layout(text_vocab: int, levels: int, codebook_sizes: list[int]) -> VocabLayout:
+    """Entity types `item` (one) or `type0`, `type1`, ...; text ids fill the preset's vocabulary minus
+    the specials."""
+    names = ["item"] if len(codebook_sizes) == 1 else [f"type{t}" for t in range(len(codebook_sizes))]
+    return VocabLayout(text_size=text_vocab - len(DEFAULT_SPECIALS), pad_multiple=1,
+                       entity_types=tuple(EntityType(n, (size,) * levels) for n, size in zip(names, codebook_sizes)))
+
+
+def synthetic_catalog(n_items: int, levels: int, codebook_sizes: list[int], seed: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """`(codes [n_items, levels], types [n_items])`: the items split evenly over the types, distinct
+    SIDs within each."""
+    counts = np.diff(np.linspace(0, n_items, len(codebook_sizes) + 1).astype(np.int64))  # [types]
+    codes = np.concatenate([synthetic_codes(int(count), levels, size, seed + t)
+                            for t, (count, size) in enumerate(zip(counts, codebook_sizes))])
+    return codes, np.repeat(np.arange(len(counts), dtype=np.int32), counts)
 
 
 def bench_model(args: argparse.Namespace, layout: VocabLayout, mesh) -> Decoder:
@@ -135,10 +160,12 @@ def item_rows(result: DecodeResult, layout: VocabLayout, trie: SidTrie) -> tuple
 
 def bench_catalog(args, model: Decoder, layout: VocabLayout, n_items: int, prompts, mesh) -> dict:
     start = time.perf_counter()
-    codes = synthetic_codes(n_items, args.levels, args.codebook_size, args.seed)
-    trie = build_trie(codes, np.zeros(n_items, np.int32), (args.levels,))
+    codes, types = synthetic_catalog(n_items, args.levels, type_codebook_sizes(args), args.seed)
+    trie = build_trie(codes, types, (args.levels,) * args.types)
     tables = SidTables.from_trie(trie, layout, mesh)
-    requests = sid_requests(trie, layout, tables, entity_types=[None] * args.batch,
+    names = [t.name for t in layout.entity_types]
+    asked = [None] * args.batch if args.types == 1 else [[names[b % args.types]] for b in range(args.batch)]
+    requests = sid_requests(trie, layout, tables, entity_types=asked,
                             output_formats=["ids"] * args.batch, beam_size=args.beams)
     constrained = SidConstraint.create(tables, requests, layout, EOS_ID)
     print(f"bench decode: {n_items} items: trie of {trie.num_nodes} nodes ready in "
@@ -169,12 +196,14 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, n_items: int, promp
                              f"{int(results['unconstrained'].steps)} steps; the comparison needs equal counts")
     ms = {name: statistics.median(t) for name, t in times.items()}
     rows, invalid = item_rows(results["constrained"], layout, trie)
+    wrong_type = sum(int(types[row] != b % args.types) for b, found in enumerate(rows) for row in found
+                     if row is not None)
     out = {"items": n_items, "num_nodes": trie.num_nodes, "max_children": trie.max_children,
            "steps_per_run": int(results["constrained"].steps),
            "constrained_ms_per_step": round(ms["constrained"], 4),
            "unconstrained_ms_per_step": round(ms["unconstrained"], 4),
            "overhead_ratio": round(median_ratio(times["constrained"], times["unconstrained"]), 4),
-           "invalid_items": invalid,
+           "invalid_items": invalid, "wrong_type_items": wrong_type,
            "constraint_overhead_ms_per_step": round(ms["constrained"] - ms["unconstrained"], 4),
            "items_decoded": sum(len(r) for r in rows), "host_trie_ms_per_step": None, "speedup_vs_host_trie": None,
            "host_trie_overhead_ms_per_step": None}
@@ -228,12 +257,16 @@ def run(args: argparse.Namespace) -> int:
         sizes = [int(s) for s in args.items.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--items must be comma-separated integers, got {args.items!r}") from None
-    if not sizes or min(sizes) < 1 or min(args.batch, args.beams, args.repeats, args.prompt_len) < 1:
-        raise UserError("--items, --batch, --beams, --repeats and --prompt-len must be positive")
-    if args.beams > min(sizes):
-        raise UserError(f"--beams {args.beams} is larger than the smallest catalog ({min(sizes)} items)")
+    if not sizes or min(sizes) < 1 or min(args.batch, args.beams, args.repeats, args.prompt_len, args.types) < 1:
+        raise UserError("--items, --batch, --beams, --repeats, --prompt-len and --types must be positive")
+    if args.last_type_codebook_size < 0:
+        raise UserError(f"--last-type-codebook-size must be 0 (--codebook-size) or positive, "
+                        f"got {args.last_type_codebook_size}")
+    if args.beams > min(sizes) // args.types:
+        raise UserError(f"--beams {args.beams} is more than the smallest catalog's items per type "
+                        f"({min(sizes)} items, --types {args.types})")
     mesh = mesh_from_arguments(args)
-    layout = bench_layout(PRESETS[args.preset].vocab_size, args.levels, args.codebook_size)
+    layout = bench_layout(PRESETS[args.preset].vocab_size, args.levels, type_codebook_sizes(args))
     model = bench_model(args, layout, mesh)
     rng = np.random.default_rng(args.seed)
     prompt_ids = rng.integers(1, layout.text_size, (args.batch, args.prompt_len)).tolist()
@@ -241,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
                            max_new_tokens=args.levels + 3, vocab_limit=layout.size)
 
     result = {"benchmark": "decode", "preset": args.preset, "batch": args.batch, "beams": args.beams,
-              "levels": args.levels, "codebook_size": args.codebook_size, "prompt_len": args.prompt_len,
+              "levels": args.levels, "types": args.types, "type_codebook_sizes": type_codebook_sizes(args),
+              "prompt_len": args.prompt_len,
               "vocab_size": layout.size, "devices": len(mesh.devices.flat), "platform": jax.devices()[0].platform,
               "catalogs": []}
     for n_items in sorted(sizes):
@@ -257,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
         per_step = [c[f"{variant}_ms_per_step"] for c in result["catalogs"]]
         result[f"{variant}_ms_per_step_growth"] = round(max(per_step) / min(per_step), 4)
     result["invalid_items"] = sum(c["invalid_items"] for c in result["catalogs"])
+    result["wrong_type_items"] = sum(c["wrong_type_items"] for c in result["catalogs"])
     json.dump(result, sys.stdout)
     print()
     return 0

@@ -100,20 +100,21 @@ def _reconstruction(side: dict, z: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum((z @ side["decoder"]["w"] + side["decoder"]["b"] - x) ** 2, axis=-1))
 
 
-def _pool(query: jax.Array, histories: jax.Array) -> jax.Array:
-    """Attention pooling: `histories` `[batch, max_items, inputs]` with zero rows as padding -> `[batch, inputs]`."""
-    real = jnp.any(histories != 0, axis=-1)  # [batch, max_items]
-    scores = jnp.where(real, histories @ query, -jnp.inf)  # [batch, max_items]
-    weights = jnp.where(real, jax.nn.softmax(jnp.where(real, scores, -1e30), axis=-1), 0.0)  # [batch, max_items]
-    return jnp.einsum("bm,bmd->bd", weights, histories)
+def _pool(query: jax.Array, inputs: jax.Array, histories: jax.Array) -> jax.Array:
+    """Attention pooling of each user's items: `histories` `[batch, max_items]` item rows into
+    `inputs` `[items, width]`, -1 padding -> `[batch, width]` (zeros for a user with no items)."""
+    real = histories >= 0  # [batch, max_items]
+    rows = inputs[jnp.maximum(histories, 0)]  # [batch, max_items, width]
+    scores = jnp.where(real, rows @ query, -1e30)  # [batch, max_items]
+    weights = jnp.where(real, jax.nn.softmax(scores, axis=-1), 0.0)  # [batch, max_items]
+    return jnp.einsum("bm,bmd->bd", weights, rows)
 
 
 def _loss(params: dict, inputs: jax.Array, histories: jax.Array, positives: jax.Array, owned: jax.Array,
           config: UserSidConfig) -> tuple[jax.Array, dict]:
     """`histories` `[batch, max_items]` item rows (-1 padding), `positives` `[batch]`, `owned` `[batch, batch]`:
     the item of pair j is one of pair i's user's training items (and j != i)."""
-    history_inputs = jnp.where((histories >= 0)[..., None], inputs[jnp.maximum(histories, 0)], 0.0)
-    pooled = _pool(params["query"], history_inputs)  # [batch, inputs]
+    pooled = _pool(params["query"], inputs, histories)  # [batch, inputs]
     item_inputs = inputs[positives]  # [batch, inputs]
     users, items = _fuse(params["users"], pooled), _fuse(params["items"], item_inputs)  # [batch, dim] each
     logits = jnp.where(owned, -1e9, users @ items.T / config.temperature)  # [batch, batch]
@@ -190,9 +191,9 @@ def dual_vectors(inputs: np.ndarray, train_sequences: list[np.ndarray], valid_ta
                 f"reconstruction {history[-1]['reconstruction']:.4f}")
 
     histories = _padded_histories(train_sequences, lengths, np.arange(n_users), config.max_items)  # [n_users, max]
-    pooled = np.concatenate([np.asarray(_pool(params["query"], jnp.where(
-        (block >= 0)[..., None], device_inputs[jnp.maximum(block, 0)], 0.0)))
-        for block in np.array_split(histories, max(1, -(-n_users // POOL_USERS)))])  # [n_users, width], in blocks
+    blocks = np.array_split(histories, max(1, -(-n_users // POOL_USERS)))
+    pooled = np.concatenate([np.asarray(_pool(params["query"], device_inputs, block))
+                             for block in blocks])  # [n_users, width], pooled in blocks
     user_vectors = np.asarray(_fuse(params["users"], jnp.asarray(pooled)), np.float32)
     item_vectors = np.asarray(_fuse(params["items"], device_inputs), np.float32)
     tenth = max(1, config.steps // 10)

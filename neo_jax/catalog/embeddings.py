@@ -79,7 +79,8 @@ def _collaborative_embeddings(dataset: Dataset, config: EmbeddingConfig, seed: i
 
 def item_embeddings(dataset: Dataset, config: EmbeddingConfig, seed: int,
                     log: Callable[[str], None] = lambda message: None) -> tuple[np.ndarray, str]:
-    """`(embeddings [n_items, dim] float32, the source used)`."""
+    """`(embeddings [n_items, dim] float32, the source used)`; the catalog's own embeddings may be
+    a memory map in the file's dtype (`neo_jax.data.loaders.load_embeddings`)."""
     source = config.source
     if source == "auto":
         source = "catalog" if dataset.catalog.embeddings is not None else "text"

@@ -25,7 +25,7 @@ from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.data.writers import write_dataset, write_queries
 from neo_jax.errors import UserError
 from neo_jax.tasks.builders import (DEFAULT_TASKS, TASKS, USER_TASKS, WINDOW_SAMPLING, TaskConfig, build_eval_examples,
-                                    build_train_examples, load_sid_map, load_user_sids, read_examples, write_examples)
+                                    build_train_examples, iter_examples, load_sid_map, load_user_sids, write_examples)
 from neo_jax.tasks.records import write_records
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.progress import Progress
@@ -96,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "oldest history items from the prompt, then cut its start, never the completion "
                               "or the header; pass the training seq_len + 1 (default 0: no limit, and the "
                               "training pipeline cuts the head of longer examples, completion included)")
+    records.add_argument("--workers", type=int, default=0,
+                         help="processes that tokenize in parallel (default 0: tokenize in this one); the "
+                              "records are the same, in the same order")
     records.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     records.set_defaults(data_run=_records)
 
@@ -180,12 +183,19 @@ def _tasks(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _with_progress(items: list, label: str) -> Iterator:
-    progress = Progress(len(items), label=f"tokenizing {label}", unit="example")
+def _with_progress(items: Iterable, total: int, label: str) -> Iterator:
+    progress = Progress(total, label=f"tokenizing {label}", unit="example")
+    count = 0
     for count, item in enumerate(items, start=1):
         yield item
-        progress.update(count, force=count == len(items))
+        progress.update(count)
+    progress.update(count, force=True)
     progress.close()
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def _records(args: argparse.Namespace) -> dict:
@@ -193,16 +203,19 @@ def _records(args: argparse.Namespace) -> dict:
     completion) and write each split as ArrayRecord shards for `neo_jax.tasks.pipeline`. With
     --max-length (the training seq_len + 1) an example longer than that loses its oldest history
     items, then the start of its prompt after the header, never its completion; each split's summary
-    counts history_items_dropped, examples_shortened and prompts_cut."""
+    counts history_items_dropped, examples_shortened and prompts_cut. The examples are read as a
+    stream; with --workers N they are tokenized in N processes."""
     tokenizer = MixedTokenizer.load(args.tokenizer)
-    splits: Iterable[str] = [s for s in args.splits.split(",") if s]
-    examples = {split: read_examples(Path(args.examples_dir) / f"{split}.jsonl") for split in splits}
+    paths = {split: Path(args.examples_dir) / f"{split}.jsonl" for split in args.splits.split(",") if split}
+    missing = [str(path) for path in paths.values() if not path.is_file()]
+    if missing:
+        raise UserError(f"no such example file(s): {missing} (written by `neo-jax data tasks`)")
     summaries = {}
     with atomic_output_dir(args.out_dir, overwrite=args.overwrite) as tmp:
-        for split, split_examples in examples.items():
-            summaries[split] = write_records(_with_progress(split_examples, split), tmp, split, tokenizer,
-                                             args.shards, tokenizer.bos_id, tokenizer.eos_id,
-                                             args.max_length).to_dict()
+        for split, path in paths.items():
+            examples = _with_progress(iter_examples(path), _count_lines(path), split)
+            summaries[split] = write_records(examples, tmp, split, tokenizer, args.shards, tokenizer.bos_id,
+                                             tokenizer.eos_id, args.max_length, args.workers).to_dict()
         summary = {"out_dir": str(args.out_dir), "tokenizer": str(args.tokenizer), "splits": summaries}
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

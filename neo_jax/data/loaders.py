@@ -5,7 +5,7 @@ A data directory holds
   `item`, when absent), any text columns (title, brand, categories, description...),
   optional `embedding` (a JSON list of numbers);
 - optionally `embeddings.npy` `[n, dim]` with `embedding_ids.txt` (one item id a line,
-  in the rows' order) instead of an inline `embedding` column;
+  in the rows' order) instead of an inline `embedding` column (memory-mapped, see `load_embeddings`);
 - `interactions.jsonl` or `interactions.tsv`: `user_id`, `item_id`, `timestamp`
   (a number or an ISO 8601 date), optional `rating` and `feedback` (`positive`/`neutral`/`negative`);
 - optionally `queries.jsonl` or `queries.tsv`: `query` and `item_ids` (a JSON list in
@@ -184,10 +184,15 @@ def load_items(path: str | Path, default_type: str = DEFAULT_ENTITY_TYPE) -> Cat
 
 def load_embeddings(npy_path: str | Path, ids_path: str | Path, catalog: Catalog,
                     expected_dim: int | None = None) -> Catalog:
-    """The catalog with embeddings from `npy_path` `[n, dim]`, whose row i belongs to line i of `ids_path`."""
+    """The catalog with embeddings from `npy_path` `[n, dim]`, whose row i belongs to line i of `ids_path`.
+
+    The file is memory-mapped. When its rows are already in the catalog's order (as `neo-jax data`
+    writes them) the catalog keeps the read-only memory map, in the file's dtype (float16 or float32,
+    say), and nothing is read until used: a 10M-row file is never whole in memory. Otherwise the rows
+    are copied into catalog order as float32 `[n_items, dim]`."""
     npy_path, ids_path = Path(npy_path), Path(ids_path)
     try:
-        matrix = np.load(npy_path, allow_pickle=False)
+        matrix = np.load(npy_path, mmap_mode="r", allow_pickle=False)  # [n, dim], nothing read yet
     except FileNotFoundError:
         raise UserError(f"{npy_path}: file not found") from None
     except ValueError as e:
@@ -199,16 +204,24 @@ def load_embeddings(npy_path: str | Path, ids_path: str | Path, catalog: Catalog
     lines = list(_read_lines(ids_path))
     if len(lines) != matrix.shape[0]:
         raise UserError(f"{ids_path}: {len(lines)} ids for {matrix.shape[0]} rows of {npy_path}")
-    embeddings = np.full((len(catalog), matrix.shape[1]), np.nan, np.float32)  # [n_items, dim]
+    rows = np.empty(len(lines), np.int64)  # [n] catalog row of each file row
     for source_row, (line_number, item_id) in enumerate(lines):
         row = catalog.row_of.get(item_id.strip())
         if row is None:
             raise UserError(f"{ids_path}:{line_number}: unknown item id {item_id.strip()!r}")
-        embeddings[row] = matrix[source_row]
-    missing = np.flatnonzero(np.isnan(embeddings).any(axis=1))
-    if missing.size:
+        rows[source_row] = row
+    counts = np.bincount(rows, minlength=len(catalog))  # [n_items]
+    if counts.max(initial=0) > 1:
+        raise UserError(f"{ids_path}: item id {catalog.item_ids[int(counts.argmax())]!r} is listed "
+                        f"{int(counts.max())} times")
+    if len(lines) == len(catalog) and np.array_equal(rows, np.arange(len(catalog))):
+        return catalog.with_embeddings(matrix)
+    if (counts == 0).any():
+        missing = np.flatnonzero(counts == 0)
         raise UserError(f"{ids_path}: no embedding for {missing.size} item(s), "
                         f"e.g. {catalog.item_ids[missing[0]]!r}")
+    embeddings = np.empty((len(catalog), matrix.shape[1]), np.float32)  # [n_items, dim]
+    embeddings[rows] = matrix
     return catalog.with_embeddings(embeddings)
 
 

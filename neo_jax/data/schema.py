@@ -32,7 +32,7 @@ class Catalog:
     type_names: tuple[str, ...]
     item_types: np.ndarray  # [n_items] int32, index into type_names
     texts: dict[str, list[str]]
-    embeddings: np.ndarray | None = None  # [n_items, dim] float32
+    embeddings: np.ndarray | None = None  # [n_items, dim] float32, or a read-only np.memmap of a float dtype
 
     def __post_init__(self):
         n = len(self.item_ids)
@@ -79,7 +79,10 @@ class Catalog:
         return next((values[row] for values in self.texts.values() if values[row]), self.item_ids[row])
 
     def with_embeddings(self, embeddings: np.ndarray) -> "Catalog":
-        return dataclasses.replace(self, embeddings=np.asarray(embeddings, np.float32))
+        """A memory map is kept as it is (read a batch at a time where it is used); anything else as float32."""
+        if not isinstance(embeddings, np.memmap):
+            embeddings = np.asarray(embeddings, np.float32)
+        return dataclasses.replace(self, embeddings=embeddings)
 
 
 @dataclasses.dataclass(frozen=True)

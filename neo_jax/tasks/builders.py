@@ -43,7 +43,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -178,9 +178,9 @@ def write_examples(path: str | Path, examples: Iterable[TaskExample]) -> None:
             f.write(json.dumps(example.to_dict(), ensure_ascii=False) + "\n")
 
 
-def read_examples(path: str | Path) -> list[TaskExample]:
+def iter_examples(path: str | Path) -> Iterator[TaskExample]:
+    """The examples of a `.jsonl` file written by `write_examples`, read one line at a time."""
     fields = [f.name for f in dataclasses.fields(TaskExample) if f.name not in ("history", "avoid")]
-    examples = []
     for line_number, record in read_records(path):
         missing = [f for f in fields if not isinstance(record.get(f), str)]
         if missing:
@@ -191,8 +191,11 @@ def read_examples(path: str | Path) -> list[TaskExample]:
         avoid = record.get("avoid", "")
         if not isinstance(avoid, str):
             raise UserError(f"{path}:{line_number}: 'avoid' must be a string (an item's SID)")
-        examples.append(TaskExample(**{f: record[f] for f in fields}, history=tuple(history), avoid=avoid))
-    return examples
+        yield TaskExample(**{f: record[f] for f in fields}, history=tuple(history), avoid=avoid)
+
+
+def read_examples(path: str | Path) -> list[TaskExample]:
+    return list(iter_examples(path))
 
 
 # -- SIDs per item ----------------------------------------------------------------------------

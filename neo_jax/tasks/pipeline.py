@@ -28,13 +28,13 @@ The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` resume 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Mapping, Sequence
 
 import grain
 import numpy as np
 
 from neo_jax.catalog.item_ids import ItemIds
+from neo_jax.tasks.packed import unpack
 from neo_jax.tasks.records import TokenizedExample
 from neo_jax.errors import UserError
 
@@ -76,7 +76,7 @@ def check_task_weights(weights: Mapping[str, float], setting: str) -> None:
 
 def task_of(record: bytes) -> str:
     """The `task` field of one serialized example (see `neo_jax.tasks.records`)."""
-    return json.loads(record)["task"]
+    return unpack(record)[0][0]
 
 
 def record_tasks(records: grain.MapDataset, read_threads: int = 2) -> np.ndarray:

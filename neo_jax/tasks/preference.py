@@ -1,15 +1,15 @@
 """Preference records: one prompt, its chosen completion and N rejected ones, as ArrayRecord shards,
 and the grain pipeline that batches them for the softmax-DPO stage (`neo_jax.model.preference`).
 
-One record is one UTF-8 JSON object: `task`, `entity_type`, `output_format`, the token ids of the
-`prompt` (bos included) and of each completion in `completions` (the chosen one first, then the
-rejected ones), and `reference`, the reference model's summed log-probability of each completion
-after the prompt, computed once when the stage's records are written (`neo_jax.align`). Keeping the
-reference as numbers rather than as a second model costs 4 bytes a completion instead of a second
-copy of the weights (and its forward pass) on every device; the reference model cannot change during
+One record is one packed record (`neo_jax.tasks.packed`): the texts `task`, `entity_type`,
+`output_format`, then the arrays `prompt` (token ids, bos included), `reference` (the reference
+model's summed log-probability of each completion after the prompt) and one array of token ids per
+completion (the chosen one first, then the rejected ones). The reference is computed once when the
+stage's records are written (`neo_jax.align`). Keeping it as numbers rather than as a second model
+costs 4 bytes a completion instead of a second copy of the weights (and its forward pass) on every device; the reference model cannot change during
 a stage because it is not there.
 
-A batch is fixed-shape, nothing packed: `[groups, candidates, seq_len]` where `candidates` is one
+A batch is fixed-shape, no sequence packing: `[groups, candidates, seq_len]` where `candidates` is one
 chosen plus the most rejected any record of the directory has (`PREFERENCE_FILE`), each candidate its
 own row `prompt + completion`:
 - `tokens`, `targets` int32 `[groups, candidates, seq_len]`: input ids and the next token;
@@ -38,6 +38,7 @@ from neo_jax.atomic import atomic_write_text
 from neo_jax.catalog.item_ids import ItemIds
 from neo_jax.errors import UserError
 from neo_jax.json_file import read_json_object
+from neo_jax.tasks.packed import pack, unpack
 from neo_jax.tasks.pipeline import shard_records
 from neo_jax.tasks.records import WRITER_OPTIONS, shard_paths
 
@@ -69,17 +70,13 @@ class PreferenceExample:
         return self.prompt.size + max(c.size for c in self.completions)
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"task": self.task, "entity_type": self.entity_type, "output_format": self.output_format,
-                           "prompt": self.prompt.tolist(), "completions": [c.tolist() for c in self.completions],
-                           "reference": [float(r) for r in self.reference]}).encode("utf-8")
+        return pack((self.task, self.entity_type, self.output_format),
+                    (self.prompt, self.reference.astype(np.float32), *self.completions))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "PreferenceExample":
-        record = json.loads(data)
-        return cls(record["task"], record["entity_type"], record["output_format"],
-                   np.asarray(record["prompt"], np.int32),
-                   tuple(np.asarray(c, np.int32) for c in record["completions"]),
-                   np.asarray(record["reference"], np.float32))
+        texts, (prompt, reference, *completions) = unpack(data)
+        return cls(*texts, prompt, tuple(completions), reference)
 
 
 def write_preference_records(examples: Iterable[PreferenceExample], directory: str | Path, split: str,

@@ -1,9 +1,10 @@
 """Tokenized task examples as ArrayRecord shards.
 
-One record is one example, a UTF-8 JSON object: `task`, `entity_type`, `output_format`
-(the prompt schema fields, for per-task metrics) and the token ids of `prompt` and
-`completion` kept apart, so that the loss can be restricted to the completion. An example with
-an avoided span (`TaskExample.avoid`) also has `avoid`, its tokens, and `end`, the eos: the
+One record is one example, packed (`neo_jax.tasks.packed`, no JSON): the texts `task`,
+`entity_type`, `output_format` (the prompt schema fields, for per-task metrics), then the token ids
+of `prompt` and `completion` kept apart, so that the loss can be restricted to the completion, and
+of `avoid` and `end` (empty unless the example has an avoided span, `TaskExample.avoid`; then
+`avoid` holds its tokens and `end` the eos): the
 sequence is prompt, completion, avoided span, end; the completion and the end are learned, the
 avoided span penalised (`neo_jax.tasks.pipeline`), so the span sits right after the completion's
 last item and the example still learns its eos. The prompt, completion and avoided span are
@@ -30,16 +31,19 @@ line, and the line naming the user that may follow it, `neo_jax.tasks.builders.U
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
-import json
+import multiprocessing
 import re
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from neo_jax.tasks.builders import USER_LINE, TaskExample
+from neo_jax.tasks.packed import pack, unpack
 from neo_jax.errors import UserError
 from neo_jax.vocab import SID_OPEN
 
@@ -62,18 +66,13 @@ class TokenizedExample:
     end: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # [end_len] int32, after avoid
 
     def to_bytes(self) -> bytes:
-        record = {"task": self.task, "entity_type": self.entity_type, "output_format": self.output_format,
-                  "prompt": self.prompt.tolist(), "completion": self.completion.tolist()}
-        if self.avoid.size:
-            record.update(avoid=self.avoid.tolist(), end=self.end.tolist())
-        return json.dumps(record).encode("utf-8")
+        return pack((self.task, self.entity_type, self.output_format),
+                    (self.prompt, self.completion, self.avoid, self.end))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "TokenizedExample":
-        record = json.loads(data)
-        return cls(record["task"], record["entity_type"], record["output_format"],
-                   np.asarray(record["prompt"], np.int32), np.asarray(record["completion"], np.int32),
-                   *(np.asarray(record.get(part, []), np.int32) for part in ("avoid", "end")))
+        texts, arrays = unpack(data)
+        return cls(*texts, *arrays)
 
     @property
     def length(self) -> int:
@@ -194,22 +193,79 @@ class WriteSummary:
         return dataclasses.asdict(self)
 
 
+# Examples a worker fits at a time, and chunks in flight per worker (bounds the memory of a parallel write).
+WORKER_CHUNK = 512
+CHUNKS_IN_FLIGHT = 2
+
+_worker_settings: tuple = ()  # a worker process's (tokenizer, bos_id, eos_id, max_length)
+
+
+def _start_worker(*settings) -> None:
+    global _worker_settings
+    _worker_settings = settings
+
+
+def _fit_chunk(first_index: int, examples: list[TaskExample], tokenizer: Encoder, bos_id: int | None,
+               eos_id: int | None, max_length: int) -> list[tuple[bytes, int, Fit]]:
+    """`(record bytes, tokens, fit)` of each example, numbered from `first_index`."""
+    fitted = (fit_example(e, tokenizer, bos_id, eos_id, max_length, index=first_index + i)
+              for i, e in enumerate(examples))
+    return [(record.to_bytes(), record.length, fit) for record, fit in fitted]
+
+
+def _fit_chunk_in_worker(first_index: int, examples: list[TaskExample]) -> list[tuple[bytes, int, Fit]]:
+    return _fit_chunk(first_index, examples, *_worker_settings)
+
+
+def _chunks(examples: Iterable[TaskExample]) -> Iterator[tuple[int, list[TaskExample]]]:
+    chunk: list[TaskExample] = []
+    first = 0
+    for example in examples:
+        chunk.append(example)
+        if len(chunk) == WORKER_CHUNK:
+            yield first, chunk
+            first, chunk = first + len(chunk), []
+    if chunk:
+        yield first, chunk
+
+
+def _fitted_in_workers(examples: Iterable[TaskExample], workers: int, settings: tuple
+                       ) -> Iterator[tuple[bytes, int, Fit]]:
+    """`_fit_chunk` over `examples` in `workers` processes, in input order, with at most
+    `CHUNKS_IN_FLIGHT * workers` chunks submitted ahead of the one being yielded."""
+    context = multiprocessing.get_context("spawn")  # the parent may run JAX's threads: never fork it
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                initargs=settings) as pool:
+        pending: collections.deque = collections.deque()
+        for first, chunk in _chunks(examples):
+            pending.append(pool.submit(_fit_chunk_in_worker, first, chunk))
+            if len(pending) >= CHUNKS_IN_FLIGHT * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
 def write_records(examples: Iterable[TaskExample], directory: str | Path, split: str, tokenizer: Encoder,
                   num_shards: int = 1, bos_id: int | None = None, eos_id: int | None = None,
-                  max_length: int = 0) -> WriteSummary:
+                  max_length: int = 0, workers: int = 0) -> WriteSummary:
     """Tokenize `examples`, each fitted to `max_length` tokens (0: no limit; pass the training
-    `seq_len + 1`), and write them round-robin into `num_shards` ArrayRecord files in `directory`."""
+    `seq_len + 1`), and write them round-robin into `num_shards` ArrayRecord files in `directory`.
+    `examples` is read as a stream. With `workers` > 0 the examples are tokenized in that many
+    processes (the tokenizer is pickled to each), written in the same order as without them."""
     if num_shards < 1:
         raise UserError(f"num_shards must be positive, got {num_shards}")
     if max_length < 0:
         raise UserError(f"max_length must be 0 (no limit) or positive, got {max_length}")
+    if workers < 0:
+        raise UserError(f"workers must be 0 (tokenize in this process) or positive, got {workers}")
+    settings = (tokenizer, bos_id, eos_id, max_length)
+    fitted = (_fitted_in_workers(examples, workers, settings) if workers else
+              (item for first, chunk in _chunks(examples) for item in _fit_chunk(first, chunk, *settings)))
     writers = [ArrayRecordWriter(str(path), WRITER_OPTIONS) for path in shard_paths(directory, split, num_shards)]
     count = tokens = longest = dropped = shortened = cut = 0
     try:
-        for count, example in enumerate(examples, start=1):
-            record, fit = fit_example(example, tokenizer, bos_id, eos_id, max_length, index=count - 1)
-            writers[(count - 1) % num_shards].write(record.to_bytes())
-            length = record.length
+        for count, (record, length, fit) in enumerate(fitted, start=1):
+            writers[(count - 1) % num_shards].write(record)
             tokens += length
             longest = max(longest, length)
             dropped += fit.history_items_dropped
