@@ -312,17 +312,20 @@ class TaskBuilder:
             raise UserError("user_sids and the tasks " + ", ".join(USER_TASKS) + " need the users' SIDs (build "
                             "them with `neo-jax sids build users.enabled=true`)")
         self.catalog, self.config, self.rng, self.users = catalog, config, rng, users
-        rows = range(len(catalog))
-        self._sids = [format_sid(*sid_map[r]) for r in rows]
-        self._titles = [catalog.title(r) for r in rows]
-        self._phrases = [frozenset(self._item_phrases(r)) for r in rows]
+        # Items are rendered when an example needs them, so a builder over a catalog of millions costs
+        # nothing up front; `sid_map` may be any mapping from row to (type, codes).
+        self._sid_map = sid_map
+        self._phrases: dict[int, frozenset[str]] = {}  # row -> its phrases, for the rows asked so far
         # task -> (output formats, cumulative sampling probabilities)
         self._format_draw = {task: (list(formats), np.cumsum(list(formats.values())) / sum(formats.values()))
                              for task, formats in TASK_FORMATS.items()}
 
     # items as text
     def sid(self, row: int) -> str:
-        return self._sids[int(row)]
+        return format_sid(*self._sid_map[int(row)])
+
+    def _title(self, row: int) -> str:
+        return self.catalog.title(int(row))
 
     def _user_line(self, user: int | None) -> str:
         """The line after the header naming the user, with `config.user_sids`; else nothing."""
@@ -333,16 +336,16 @@ class TaskBuilder:
         return f"{USER_LINE}{self.users.sids[user]}\n"
 
     def _answer(self, row: int, output_format: str) -> str:
-        return {"ids": self.sid(row), "mixed": f"{self.sid(row)} {self._titles[row]}",
-                "text": self._titles[row]}[output_format]
+        return {"ids": self.sid(row), "mixed": f"{self.sid(row)} {self._title(row)}",
+                "text": self._title(row)}[output_format]
 
-    def _item_phrases(self, row: int) -> list[str]:
+    def _item_phrases(self, row: int) -> frozenset[str]:
         """Short lower-case phrases of an item's text fields (categories, brand, ...), split at separators."""
-        phrases = []
-        for values in self.catalog.texts.values():
-            phrases.extend(p.lower().strip(" .") for p in _PHRASE_SEPARATORS.split(values[row])
-                           if 0 < len(p.split()) <= 3)
-        return phrases
+        row = int(row)
+        if row not in self._phrases:
+            self._phrases[row] = frozenset(p.lower().strip(" .") for values in self.catalog.texts.values()
+                                           for p in _PHRASE_SEPARATORS.split(values[row]) if 0 < len(p.split()) <= 3)
+        return self._phrases[row]
 
     # one example
     def _make(self, task: str, entity_type: str, fields: dict[str, str], answer: Callable[[str], str],
@@ -362,8 +365,8 @@ class TaskBuilder:
     def history_fields(self, history: np.ndarray) -> dict[str, str]:
         """The `{history}` and `{history_titled}` fields of the most recent `max_history` items."""
         recent = history[-self.config.max_history:].tolist()
-        return {"history": ", ".join([self._sids[r] for r in recent]),
-                "history_titled": "; ".join([f"{self._sids[r]} {self._titles[r]}" for r in recent])}
+        return {"history": ", ".join([self.sid(r) for r in recent]),
+                "history_titled": "; ".join([f"{self.sid(r)} {self._title(r)}" for r in recent])}
 
     # the tasks
     def recommend(self, history: np.ndarray, target: int, output_format: str | None = None,
@@ -377,9 +380,9 @@ class TaskBuilder:
         of `rows` (a seeded uniform pick) is the avoided span."""
         types = {self.catalog.type_name(int(r)) for r in rows.tolist()}
         header = PromptHeader("recommend", types.pop() if len(types) == 1 else ANY_TYPE, "ids")
-        avoid = self._sids[int(rows[self.rng.integers(len(rows))])] if self.config.avoid_repeats else ""
+        avoid = self.sid(rows[self.rng.integers(len(rows))]) if self.config.avoid_repeats else ""
         return TaskExample("recommend", header.entity_type, "ids", header.render() + self._user_line(user),
-                           "".join(self._sids[int(r)] for r in rows.tolist()), avoid=avoid)
+                           "".join(self.sid(r) for r in rows.tolist()), avoid=avoid)
 
     def window_eval(self, history: np.ndarray, target: int, user: int | None = None) -> TaskExample:
         """An evaluation example in the window layout: the header naming the asked type (the
@@ -388,7 +391,7 @@ class TaskBuilder:
         header = PromptHeader("recommend", self.catalog.type_name(target), "ids")
         recent = history[-(self.config.window - 1):].tolist()
         return TaskExample("recommend", header.entity_type, "ids",
-                           header.render() + self._user_line(user) + "".join(self._sids[r] for r in recent),
+                           header.render() + self._user_line(user) + "".join(self.sid(r) for r in recent),
                            self.sid(target))
 
     def search(self, query: str, target: int) -> TaskExample:
@@ -425,7 +428,7 @@ class TaskBuilder:
         None if no history item shares one."""
         recent = history[-self.config.max_history:]
         for row in recent[::-1]:
-            shared = sorted(self._phrases[int(row)] & self._phrases[target])
+            shared = sorted(self._item_phrases(row) & self._item_phrases(target))
             if shared:
                 return self._make("explain", self.catalog.type_name(target), self.history_fields(recent),
                                   lambda fmt: f"{self._answer(target, fmt)}, because the user liked "
@@ -435,13 +438,13 @@ class TaskBuilder:
     def profile_text(self, history: np.ndarray, disliked: np.ndarray) -> str:
         """Phrases shared by at least two history items (at most five, most common first), then
         phrases of disliked items."""
-        liked = self._shared_phrases(history, min_count=2) or sorted(self._phrases[int(history[-1])])[:3]
+        liked = self._shared_phrases(history, min_count=2) or sorted(self._item_phrases(history[-1]))[:3]
         text = f"This user is interested in {', '.join(liked)}."
         avoided = [p for p in self._shared_phrases(disliked, min_count=1) if p not in liked][:3]
         return text + (f" They dislike {', '.join(avoided)}." if avoided else "")
 
     def _shared_phrases(self, rows: np.ndarray, min_count: int, limit: int = 5) -> list[str]:
-        counts = collections.Counter(p for r in np.asarray(rows).tolist() for p in self._phrases[r])
+        counts = collections.Counter(p for r in np.asarray(rows).tolist() for p in self._item_phrases(r))
         return [p for p, c in sorted(counts.items(), key=lambda pc: (-pc[1], pc[0])) if c >= min_count][:limit]
 
 
