@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,17 +38,36 @@ def test_bench_decode_over_several_types_names_only_items_of_the_asked_type(caps
     assert cli.main(["bench", "decode", "--items", "90", "--types", "3", "--last-type-codebook-size", "32",
                      *SMALL, "--batch", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["type_codebook_sizes"] == [16, 16, 32]
+    assert result["type_codebook_sizes"] == {"type0": [16, 16], "type1": [16, 16], "type2": [32, 32]}
     assert result["invalid_items"] == 0 and result["wrong_type_items"] == 0
     (row,) = result["catalogs"]
     assert row["items_decoded"] == 3 * 3 and 0.0 <= row["hf_topk_agreement"] <= 1.0
 
 
+def test_bench_decode_times_a_built_catalog_of_types_of_different_depths(tmp_path, capsys):
+    from neo_jax.catalog.commands import SidsBuildConfig, build_sids
+    from neo_jax.config import load_config
+
+    config = load_config(SidsBuildConfig, Path(__file__).parents[1] / "configs" / "sids_synthetic.yaml", [
+        f"output={tmp_path / 'sids'}", "synthetic.num_items=150", "synthetic.num_users=40", "embedding.text.dim=32",
+        "embedding.collab.dim=8", "embedding.collab.epochs=1", "sids.quantiser.kmeans_iters=5"])
+    summary = build_sids(config)
+    capsys.readouterr()
+    assert len(set(summary["levels"].values())) > 1  # the types' SIDs differ in depth
+    assert cli.main(["bench", "decode", "--sids", str(tmp_path / "sids"), *SMALL, "--batch", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["types"] == 3 and result["levels"] == max(summary["levels"].values())
+    assert result["invalid_items"] == 0 and result["wrong_type_items"] == 0
+    (row,) = result["catalogs"]
+    assert row["items"] == summary["items"] and row["items_decoded"] == 3 * 3
+    assert row["steps_per_run"] == result["levels"] + 3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--items", "ten"], "--items must be comma-separated integers"),
-    (["--items", "2"], "--beams 3 is more than the smallest catalog's items per type (2 items, --types 1)"),
-    (["--items", "10", "--types", "4"], "(10 items, --types 4)"),
-    (["--types", "0"], "--types must be positive"),
+    (["--items", "2"], "--beams 3 is more than the smallest catalog's items per type (2 items, 1 type(s))"),
+    (["--items", "10", "--types", "4"], "(10 items, 4 type(s))"),
+    (["--types", "0"], "--items and --types must be positive"),
 ])
 def test_bench_decode_rejects_bad_flags(capsys, argv, message):
     assert cli.main(["bench", "decode", *SMALL, *argv]) == 2

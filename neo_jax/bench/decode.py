@@ -4,7 +4,8 @@ For each catalog size (synthetic SIDs, default 10k, 1M and 10M items of 4 levels
 one entity type, or split evenly over `--types` types, each prompt asking for one of them in turn;
 `--last-type-codebook-size 1024` gives the last type wider codebooks, as NEO's layout has) one
 random decoder runs the same beam search loop three ways on the same prefilled prompts, in ID mode
-(`[SID]`, one item's codes, `[/SID]`, EOS):
+(`[SID]`, one item's codes, `[/SID]`, EOS). `--sids DIR` times a real catalog instead, the one a
+`neo-jax sids build` wrote to DIR (its entity types, each asked in turn, and its levels):
 - `constrained`: `SidConstraint`, the trie as device bitmaps (one row per beam a step);
 - `unconstrained`: `Unconstrained`, the no-op constraint in the same loop;
 - `host_trie`: `HostTrieConstraint`, a Python dict trie consulted on the host every step
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -44,6 +46,7 @@ from flax import nnx
 from neo_jax.bench.host_trie import HostTrie, HostTrieConstraint
 from neo_jax.bench.model import PRESETS, random_weights, usable_cores
 from neo_jax.bench.trie import synthetic_codes
+from neo_jax.catalog.sid_output import load_sid_output
 from neo_jax.catalog.table import SidTrie, build_trie
 from neo_jax.checkpoint import abstract_decoder, save_model
 from neo_jax.decode.beam_search import beam_search
@@ -62,6 +65,10 @@ EOS_ID = 0  # a text token of the random model
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", default="10000,1000000,10000000",
                         help="comma-separated catalog sizes (default 10000,1000000,10000000)")
+    parser.add_argument("--sids", type=Path, default=None,
+                        help="a `neo-jax sids build` directory: time its catalog (its entity types and SID "
+                             "levels) instead of synthetic ones; --items, --levels, --codebook-size, --types "
+                             "and --last-type-codebook-size are then not used")
     parser.add_argument("--levels", type=int, default=4, help="SID levels (default 4)")
     parser.add_argument("--codebook-size", type=int, default=256, help="codes per level (default 256)")
     parser.add_argument("--types", type=int, default=1,
@@ -107,9 +114,10 @@ def synthetic_catalog(n_items: int, levels: int, codebook_sizes: list[int], seed
     return codes, np.repeat(np.arange(len(counts), dtype=np.int32), counts)
 
 
-def bench_model(args: argparse.Namespace, layout: VocabLayout, mesh) -> Decoder:
-    config = dataclasses.replace(PRESETS[args.preset], vocab_size=layout.size, initializer_range=0.2,
-                                 eos_token_id=EOS_ID, max_position_embeddings=args.prompt_len + args.levels + 3)
+def bench_model(args: argparse.Namespace, layout: VocabLayout, mesh, levels: int) -> Decoder:
+    """A random decoder over `layout`, long enough for a prompt and an ID-mode answer of `levels` codes."""
+    config = dataclasses.replace(PRESETS[args.preset], vocab_size=layout.padded_size, initializer_range=0.2,
+                                 eos_token_id=EOS_ID, max_position_embeddings=args.prompt_len + levels + 3)
     return load_sharded(abstract_decoder(config), random_weights(config, args.seed), mesh,
                         allow_replicated=args.mesh_allow_replicated)
 
@@ -158,20 +166,20 @@ def item_rows(result: DecodeResult, layout: VocabLayout, trie: SidTrie) -> tuple
     return rows, invalid
 
 
-def bench_catalog(args, model: Decoder, layout: VocabLayout, n_items: int, prompts, mesh) -> dict:
+def bench_catalog(args, model: Decoder, layout: VocabLayout, trie: SidTrie, prompts, mesh) -> dict:
+    """Time the three variants over `trie`; with several entity types, prompt b asks for type b mod types."""
     start = time.perf_counter()
-    codes, types = synthetic_catalog(n_items, args.levels, type_codebook_sizes(args), args.seed)
-    trie = build_trie(codes, types, (args.levels,) * args.types)
+    n_items, n_types = trie.n_items, len(trie.levels_per_type)
     tables = SidTables.from_trie(trie, layout, mesh)
     names = [t.name for t in layout.entity_types]
-    asked = [None] * args.batch if args.types == 1 else [[names[b % args.types]] for b in range(args.batch)]
+    asked = [None] * args.batch if n_types == 1 else [[names[b % n_types]] for b in range(args.batch)]
     requests = sid_requests(trie, layout, tables, entity_types=asked,
                             output_formats=["ids"] * args.batch, beam_size=args.beams)
     constrained = SidConstraint.create(tables, requests, layout, EOS_ID)
-    print(f"bench decode: {n_items} items: trie of {trie.num_nodes} nodes ready in "
+    print(f"bench decode: {n_items} items: trie of {trie.num_nodes} nodes on the devices in "
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
 
-    max_new_tokens = args.levels + 3
+    max_new_tokens = max(trie.levels_per_type) + 3
     cache = prefill_cache(model, prompts.tokens, prompts.segment_ids, prompts.positions, max_new_tokens)
     last, lengths = prompts.tokens[:, -1], prompts.lengths
 
@@ -196,7 +204,7 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, n_items: int, promp
                              f"{int(results['unconstrained'].steps)} steps; the comparison needs equal counts")
     ms = {name: statistics.median(t) for name, t in times.items()}
     rows, invalid = item_rows(results["constrained"], layout, trie)
-    wrong_type = sum(int(types[row] != b % args.types) for b, found in enumerate(rows) for row in found
+    wrong_type = sum(int(trie.item_types[row] != b % n_types) for b, found in enumerate(rows) for row in found
                      if row is not None)
     out = {"items": n_items, "num_nodes": trie.num_nodes, "max_children": trie.max_children,
            "steps_per_run": int(results["constrained"].steps),
@@ -211,7 +219,7 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, n_items: int, promp
         out.update(host_trie_ms_per_step=round(ms["host_trie"], 4),
                    speedup_vs_host_trie=round(median_ratio(times["host_trie"], times["constrained"]), 2),
                    host_trie_overhead_ms_per_step=round(ms["host_trie"] - ms["unconstrained"], 4))
-    return out, trie, host_trie, rows
+    return out, host_trie, rows
 
 
 def hf_comparison(model: Decoder, layout: VocabLayout, trie: SidTrie, host_trie: HostTrie, prompts,
@@ -252,39 +260,55 @@ def hf_comparison(model: Decoder, layout: VocabLayout, trie: SidTrie, host_trie:
             "transformers_version": transformers.__version__}
 
 
-def run(args: argparse.Namespace) -> int:
+def _catalogs(args: argparse.Namespace, text_vocab: int) -> tuple[VocabLayout, Iterator[SidTrie], int, int]:
+    """`(layout, the tries one at a time, levels at most, items in the smallest)`: the `--sids`
+    directory's catalog, or synthetic ones of the `--items` sizes."""
+    if args.sids is not None:
+        output = load_sid_output(args.sids)
+        layout = VocabLayout(text_size=text_vocab - len(DEFAULT_SPECIALS), entity_types=output.entity_types,
+                             pad_multiple=128)  # rows that shard over a mesh; never decoded
+        smallest = int(np.bincount(output.trie.item_types).min())
+        return layout, iter([output.trie]), max(output.trie.levels_per_type), smallest * len(output.entity_types)
     try:
-        sizes = [int(s) for s in args.items.split(",") if s.strip()]
+        sizes = sorted(int(s) for s in args.items.split(",") if s.strip())
     except ValueError:
         raise UserError(f"--items must be comma-separated integers, got {args.items!r}") from None
-    if not sizes or min(sizes) < 1 or min(args.batch, args.beams, args.repeats, args.prompt_len, args.types) < 1:
-        raise UserError("--items, --batch, --beams, --repeats, --prompt-len and --types must be positive")
-    if args.last_type_codebook_size < 0:
-        raise UserError(f"--last-type-codebook-size must be 0 (--codebook-size) or positive, "
-                        f"got {args.last_type_codebook_size}")
-    if args.beams > min(sizes) // args.types:
+    if not sizes or sizes[0] < 1 or args.types < 1 or args.last_type_codebook_size < 0:
+        raise UserError("--items and --types must be positive, --last-type-codebook-size 0 (--codebook-size) or "
+                        "positive")
+    sizes_per_type = type_codebook_sizes(args)
+    layout = bench_layout(text_vocab, args.levels, sizes_per_type)
+    tries = (build_trie(*synthetic_catalog(n, args.levels, sizes_per_type, args.seed), (args.levels,) * args.types)
+             for n in sizes)
+    return layout, tries, args.levels, sizes[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    if min(args.batch, args.beams, args.repeats, args.prompt_len) < 1:
+        raise UserError("--batch, --beams, --repeats and --prompt-len must be positive")
+    layout, tries, levels, smallest = _catalogs(args, PRESETS[args.preset].vocab_size)
+    n_types = len(layout.entity_types)
+    if args.beams > smallest // n_types:
         raise UserError(f"--beams {args.beams} is more than the smallest catalog's items per type "
-                        f"({min(sizes)} items, --types {args.types})")
+                        f"({smallest} items, {n_types} type(s))")
     mesh = mesh_from_arguments(args)
-    layout = bench_layout(PRESETS[args.preset].vocab_size, args.levels, type_codebook_sizes(args))
-    model = bench_model(args, layout, mesh)
+    model = bench_model(args, layout, mesh, levels)
     rng = np.random.default_rng(args.seed)
     prompt_ids = rng.integers(1, layout.text_size, (args.batch, args.prompt_len)).tolist()
     prompts = pack_prompts(prompt_ids, max_context=model.config.max_position_embeddings,
-                           max_new_tokens=args.levels + 3, vocab_limit=layout.size)
+                           max_new_tokens=levels + 3, vocab_limit=layout.size)
 
     result = {"benchmark": "decode", "preset": args.preset, "batch": args.batch, "beams": args.beams,
-              "levels": args.levels, "types": args.types, "type_codebook_sizes": type_codebook_sizes(args),
+              "sids": None if args.sids is None else str(args.sids), "levels": levels, "types": n_types,
+              "type_codebook_sizes": {t.name: list(t.codebook_sizes) for t in layout.entity_types},
               "prompt_len": args.prompt_len,
               "vocab_size": layout.size, "devices": len(mesh.devices.flat), "platform": jax.devices()[0].platform,
               "catalogs": []}
-    for n_items in sorted(sizes):
-        row, trie, host_trie, our_rows = bench_catalog(args, model, layout, n_items, prompts, mesh)
-        if not args.no_torch and n_items == min(sizes):
-            if host_trie is None:
-                host_trie = HostTrie(trie, layout, EOS_ID)
-            row.update(hf_comparison(model, layout, trie, host_trie, prompts, our_rows, args.beams, args.levels, mesh,
-                                     args.mesh_allow_replicated))
+    for index, trie in enumerate(tries):
+        row, host_trie, our_rows = bench_catalog(args, model, layout, trie, prompts, mesh)
+        if not args.no_torch and index == 0:
+            row.update(hf_comparison(model, layout, trie, host_trie or HostTrie(trie, layout, EOS_ID), prompts,
+                                     our_rows, args.beams, levels, mesh, args.mesh_allow_replicated))
         result["catalogs"].append(row)
     result["max_overhead_ratio"] = max(c["overhead_ratio"] for c in result["catalogs"])
     for variant in ("constrained", "unconstrained"):  # largest / smallest over the sizes: machine noise moves both
