@@ -41,6 +41,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "model": ("neo_jax.bench.model", "train-step tokens/s and MFU, against transformers + torch"),
     "trie": ("neo_jax.bench.trie", "SID trie build time, bytes and peak memory for a synthetic N-item catalog"),
     "decode": ("neo_jax.bench.decode", "constrained vs unconstrained vs host-trie beam search ms/step by catalog size"),
+    "catalog": ("neo_jax.bench.catalog", "a catalog of millions of items through SIDs, trie, task records and a decode "
+                                         "step: each phase's time, peak memory and bytes"),
     "rec": ("neo_jax.bench.rec", "the generative recommender vs SASRec, transition and popularity on one dataset"),
     "align": ("neo_jax.bench.align", "Align3GR's token, behaviour and preference levels, and the ablation of each"),
     "scale": ("neo_jax.bench.scale", "compiled per-device memory and compile time of the train and decode steps "
