@@ -19,7 +19,7 @@ from neo_jax.catalog.embed_collab import (CollabConfig, collaborative_embeddings
                                          fuse_embeddings)
 from neo_jax.catalog.embed_text import TextEncoderConfig, backbone_embeddings, hashed_tfidf_embeddings
 from neo_jax.catalog.kmeans import kmeans, kmeans_plus_plus
-from neo_jax.catalog.minibatch import MiniBatchConfig, encode_in_chunks, fit_minibatch_residual_kmeans
+from neo_jax.catalog.minibatch import MiniBatchConfig
 from neo_jax.catalog.residual import fit_residual_kmeans, residual_encode
 from neo_jax.catalog.rqvae import RqVaeConfig, fit_rqvae
 from neo_jax.catalog.sid_output import load_sid_output
@@ -410,23 +410,6 @@ def test_build_on_an_unseen_tsv_catalog(tmp_path, capsys):
     # the same seed gives the same SIDs
     assert main(["sids", "build", *small_config_args(data, tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "sids.tsv").read_text() == (tmp_path / "out" / "sids.tsv").read_text()
-
-
-def test_minibatch_kmeans_split_over_eight_devices_agrees_with_one():
-    """Data parallel: batches and chunks split by rows over the devices (the last chunk, 5000 % 1500 rows,
-    does not divide and is copied to each), the same codebooks to float rounding and the same codes."""
-    assert jax.device_count() == 8
-    x = np.random.default_rng(0).normal(size=(5000, 16)).astype(np.float32)  # [items, dim]
-    config = MiniBatchConfig(batch_size=512, steps=30, seed_rows=2000, chunk_rows=1500)
-    built = []
-    for devices in (jax.devices()[:1], jax.devices()):
-        codebooks = fit_minibatch_residual_kmeans(x, (32, 32), jax.random.key(0), config, devices)
-        built.append((codebooks, encode_in_chunks(x, codebooks, config.chunk_rows, devices)))
-    (one, one_codes), (eight, eight_codes) = built
-    assert len(eight[0].sharding.device_set) == 8
-    for a, b in zip(one, eight):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
-    assert (one_codes != eight_codes).any(axis=1).mean() <= 0.001
 
 
 def test_build_from_a_memory_mapped_float16_npy_matches_a_copied_one(tmp_path):

@@ -4,10 +4,10 @@
 
 First a synthetic catalog is written to `OUT/data` (phase `data`, in this process, a chunk of rows at
 a time): `--items` items split evenly over `--types` entity types; float16 embeddings
-(`embeddings.npy` with `embedding_ids.txt`, in catalog order) with realistic structure: each type's
-items fall into topics of `--topic-size` items around a centre of their own, and `--duplicate-share`
-of the items are exact copies of their neighbour (as items with the same text are); and `--users`
-users whose histories (5 to 40 items) walk through neighbouring topics of one type. Then each step
+(`embeddings.npy` with `embedding_ids.txt`, in catalog order) with a hierarchy of clusters in a
+narrow latent space (each type's items in topics of `--topic-size`, 256 topics to a group), and `--duplicate-share` of the items exact copies of
+their neighbour (as items with the same text are); and `--users` users whose histories (5 to 40
+items) walk through neighbouring topics of one type. Then each step
 runs as its own `neo-jax` process, so each has its own peak resident memory (from the kernel when the
 process ends):
 - `sids`: `neo-jax sids build` from the embeddings (memory-mapped, never whole in memory): mini-batch
@@ -41,6 +41,10 @@ from neo_jax.errors import UserError
 from neo_jax.progress import Progress
 
 CHUNK_ROWS = 1 << 20  # rows of the catalog written at a time
+TOPICS_PER_GROUP = 256  # the embeddings' cluster hierarchy: topics of `--topic-size` items, groups of topics
+# The width the hierarchy lives in before its projection to `--dim` (real embeddings are far from filling
+# their width: in a full 64 wide Gaussian hierarchy 3 levels of 256 codes left 74% of 250k items colliding).
+LATENT_DIM = 8
 MAX_LENGTH = 257  # the records' length limit: a training seq_len of 256, plus one
 
 
@@ -50,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last-type-codebook-size", type=int, default=1024,
                         help="codes per level of the last type's SIDs (default 1024; the others 256)")
     parser.add_argument("--dim", type=int, default=64, help="embedding width (default 64)")
-    parser.add_argument("--topic-size", type=int, default=1000, help="items per topic (default 1000)")
+    parser.add_argument("--topic-size", type=int, default=40, help="items per topic (default 40)")
     parser.add_argument("--duplicate-share", type=float, default=0.01,
                         help="share of items that copy their neighbour's embedding (default 0.01)")
     parser.add_argument("--kmeans-steps", type=int, default=300,
@@ -82,17 +86,29 @@ def _type_bounds(n_items: int, n_types: int) -> np.ndarray:
     return np.linspace(0, n_items, n_types + 1).astype(np.int64)
 
 
+def _centres(args: argparse.Namespace, keys: np.ndarray) -> np.ndarray:
+    """`[len(keys), LATENT_DIM]` a seeded random centre for each key, the same wherever it is asked for."""
+    return np.stack([np.random.default_rng([args.seed, int(k)]).normal(size=LATENT_DIM) for k in keys])
+
+
 def _chunk_embeddings(args: argparse.Namespace, bounds: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """`[stop - start, dim]` float16 embeddings of catalog rows `start:stop`: topic centre plus noise,
-    a `--duplicate-share` of the rows (never two neighbours) copying the row before them."""
+    """`[stop - start, dim]` float16 embeddings of catalog rows `start:stop`: a hierarchy of clusters in
+    a `LATENT_DIM`-wide space (each type's items in topics of `--topic-size`, `TOPICS_PER_GROUP` topics
+    to a group; an item at its group's centre + half its topic's + a quarter of noise), mapped to `dim`
+    by a fixed random projection; a `--duplicate-share` of the rows (never two neighbours) copy the row
+    before them."""
     rows = np.arange(start, stop)  # [chunk]
     types = np.searchsorted(bounds, rows, side="right") - 1  # [chunk]
     topics = (rows - bounds[types]) // args.topic_size  # [chunk] topic within the type
-    keys = types * (1 << 32) + topics  # [chunk]
-    unique, inverse = np.unique(keys, return_inverse=True)
-    centres = np.stack([np.random.default_rng([args.seed, int(k)]).normal(size=args.dim) for k in unique])
+    groups = topics // TOPICS_PER_GROUP  # [chunk]
+    latent = np.zeros((rows.size, LATENT_DIM))  # [chunk, latent]
+    for keys, scale in ((types * (1 << 40) + groups, 1.0), (types * (1 << 40) + (1 << 39) + topics, 0.5)):
+        unique, inverse = np.unique(keys, return_inverse=True)
+        latent += scale * _centres(args, unique)[inverse]
     rng = np.random.default_rng([args.seed, start])
-    x = centres[inverse] + 0.5 * rng.normal(size=(rows.size, args.dim))  # [chunk, dim]
+    latent += 0.25 * rng.normal(size=latent.shape)
+    projection = np.random.default_rng([args.seed, 2]).normal(size=(LATENT_DIM, args.dim)) / np.sqrt(LATENT_DIM)
+    x = latent @ projection  # [chunk, dim]
     copies = rng.random(rows.size) < args.duplicate_share  # [chunk]
     copies[0] = False
     copies[1:] &= ~copies[:-1]  # a copied row is never itself a copy

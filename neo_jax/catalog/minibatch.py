@@ -9,15 +9,6 @@ is ever read into memory), and their residuals under the earlier levels are comp
 from those levels' codebooks. Codes are assigned `chunk_rows` rows at a time (`encode_in_chunks`),
 so the whole matrix is never on the device at once. Same inputs and seed, same codebooks.
 
-Data parallel: with several devices each batch and each chunk is split by rows over all of them
-(when its rows divide evenly; else each device holds a copy), the codebooks copied to each; a step's
-per-centre sums are then added across devices (the one collective), so the codebooks agree with one
-device's to float rounding. Each level's k-means++ seeding runs on the first device alone. By default
-every accelerator takes part, but on a CPU only one device does: emulated CPU devices share the same
-cores (nothing to gain), and XLA's CPU all-reduce across 8 emulated devices starved and aborted here
-once a step's work per device grew (a 4,096-row batch against 256 centres, 2 cores); the split path is
-tested with a small batch.
-
 Tolerance, against Lloyd's iterations over every item (`residual_kmeans`), tested on a 100k-item
 clustered catalog at 3 levels of 256 (`tests/test_sids.py`): the collision rate within 0.01 of it, the
 prefix coherence at each level at most 0.02 below it (measured: 0.0237 against 0.0221, and at most
@@ -66,32 +57,13 @@ class TypeRows:
         return np.asarray(self.base[self.rows[index]])
 
 
-def _row_shardings(devices: Sequence[jax.Device]) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
-    """`(rows split over devices, a copy on each)` over a one-axis mesh of `devices`."""
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("rows",))
-    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows")),
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
-def _on_devices(block: np.ndarray, devices: Sequence[jax.Device]) -> jax.Array:
-    """`block` `[rows, dim]` split by rows over `devices` when they divide its rows, else a copy on each."""
-    split, copied = _row_shardings(devices)
-    return jax.device_put(block, split if block.shape[0] % len(devices) == 0 else copied)
-
-
-def _default_devices() -> list[jax.Device]:
-    """Every device of an accelerator; one device of a CPU (see the module docstring)."""
-    devices = jax.devices()
-    return devices[:1] if devices[0].platform == "cpu" else devices
-
-
-def _read(vectors, rows: np.ndarray) -> np.ndarray:
+def _read(vectors, rows: np.ndarray) -> jax.Array:
     """`[len(rows), dim]` float32 of `vectors` (an array or a memory map) at `rows`, read in row order."""
     order = np.argsort(rows, kind="stable")
     block = np.asarray(vectors[rows[order]], np.float32)  # sorted reads of a memory map are sequential
     out = np.empty_like(block)
     out[order] = block
-    return out
+    return jnp.asarray(out)
 
 
 @jax.jit
@@ -116,38 +88,28 @@ def _update(centroids: jax.Array, counts: jax.Array, rows: jax.Array) -> tuple[j
 
 
 def fit_minibatch_residual_kmeans(vectors, codebook_sizes: Sequence[int], key: jax.Array,
-                                  config: MiniBatchConfig = MiniBatchConfig(),
-                                  devices: Sequence[jax.Device] | None = None) -> list[jax.Array]:
-    """One codebook per level, `[min(k_l, n), dim]` each, fitted by mini-batches of `vectors` `[n, dim]`
-    split over `devices` (default: every accelerator device, one CPU device). The k-means++ seeding runs on the first device (its
-    sample is small, and its loop would otherwise gather across devices at every seed); the codebooks
-    are copied to every device."""
+                                  config: MiniBatchConfig = MiniBatchConfig()) -> list[jax.Array]:
+    """One codebook per level, `[min(k_l, n), dim]` each, fitted by mini-batches of `vectors` `[n, dim]`."""
     config.check()
-    devices = list(devices or _default_devices())
-    _, copied = _row_shardings(devices)
     n = vectors.shape[0]
     batch, sample = min(config.batch_size, n), min(config.seed_rows, n)
-    codebooks: list[jax.Array] = []  # each copied to every device
+    codebooks: list[jax.Array] = []
     for level, size in enumerate(codebook_sizes):
         level_key = jax.random.fold_in(key, level)
         seed_key, order_key = jax.random.split(level_key)
         seed_rows = np.asarray(jax.random.permutation(seed_key, n)[:sample])  # [sample]
-        on_first = tuple(jax.device_put(c, devices[0]) for c in codebooks)
-        residual = _residual(jax.device_put(_read(vectors, seed_rows), devices[0]), on_first)  # [sample, dim]
-        centroids = jax.device_put(kmeans_plus_plus(residual, seed_key, min(int(size), n)), copied)  # [k, dim]
-        counts = jax.device_put(jnp.zeros(centroids.shape[0], jnp.float32), copied)
+        residual = _residual(_read(vectors, seed_rows), tuple(codebooks))  # [sample, dim]
+        centroids = kmeans_plus_plus(residual, seed_key, min(int(size), n))  # [k, dim]
+        counts = jnp.zeros(centroids.shape[0], jnp.float32)
         for rows in np.asarray(epoch_batches(order_key, n, batch, config.steps)):  # [batch] each
-            block = _on_devices(_read(vectors, rows), devices)  # [batch, dim]
-            centroids, counts = _update(centroids, counts, _residual(block, tuple(codebooks)))
+            centroids, counts = _update(centroids, counts, _residual(_read(vectors, rows), tuple(codebooks)))
         codebooks.append(centroids)
     return codebooks
 
 
-def encode_in_chunks(vectors, codebooks: Sequence[jax.Array], chunk_rows: int,
-                     devices: Sequence[jax.Device] | None = None) -> np.ndarray:
-    """`[n, levels]` int32 codes of `vectors` `[n, dim]` (an array or a memory map), `chunk_rows` at a
-    time, each chunk split over `devices` (default: every accelerator device, one CPU device)."""
-    devices = list(devices or _default_devices())
-    chunks = (_on_devices(np.asarray(vectors[start:start + chunk_rows], np.float32), devices)
-              for start in range(0, vectors.shape[0], chunk_rows))  # [<= chunk_rows, dim] each
-    return np.concatenate([np.asarray(residual_encode(chunk, codebooks).codes) for chunk in chunks]).astype(np.int32)
+def encode_in_chunks(vectors, codebooks: Sequence[jax.Array], chunk_rows: int) -> np.ndarray:
+    """`[n, levels]` int32 codes of `vectors` `[n, dim]` (an array or a memory map), `chunk_rows` at a time."""
+    n = vectors.shape[0]
+    return np.concatenate([np.asarray(residual_encode(jnp.asarray(np.asarray(vectors[start:start + chunk_rows],
+                                                                             np.float32)), codebooks).codes)
+                           for start in range(0, n, chunk_rows)]).astype(np.int32)
