@@ -11,7 +11,7 @@ items) walk through neighbouring topics of one type. Then each step
 runs as its own `neo-jax` process, so each has its own peak resident memory (from the kernel when the
 process ends):
 - `sids`: `neo-jax sids build` from the embeddings (memory-mapped, never whole in memory): mini-batch
-  residual k-means (split over the devices), 3 levels of 256 codes, the last type
+  residual k-means (on one device), 3 levels of 256 codes, the last type
   `--last-type-codebook-size` codes a level (NEO's layout has one type of 1024), collisions by the
   capped extra level;
 - `tasks`: `neo-jax data tasks` window examples (`--window` items) of the users;
