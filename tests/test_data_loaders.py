@@ -118,6 +118,7 @@ def test_amazon2014_beauty_layout():
     assert sequences[0].tolist() == [0, 1, 2, 3, 4]  # line `1 1 2 3 4 5`, 1-based ids
     assert catalog.item_ids[sequences[1][5]] == "4"  # user 2 returns to item 4
     assert min(len(s) for s in sequences) == 5
+    assert events.user_ids[:2] == ["u1", "u2"]  # named apart from the items, which share the numbers
 
 
 # -- the synthetic dataset -------------------------------------------------------------------

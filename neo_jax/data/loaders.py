@@ -335,7 +335,9 @@ def _amazon_field_name(column: str) -> str:
 
 def load_amazon2014(data_dir: str | Path) -> Dataset:
     """The Amazon 2014 layout: `items.tsv` (header; `item_id`, `asin`, text columns) and
-    `sequences.txt` (`user item item ...`, 1-based ids in time order). One entity type, `product`."""
+    `sequences.txt` (`user item item ...`, 1-based ids in time order). One entity type, `product`.
+    Users are named `u<id>`: the file numbers users and items alike from 1, and a user SID shares
+    `sids.tsv` with the items, keyed by id."""
     data_dir = Path(data_dir)
     items_path, sequences_path = data_dir / "items.tsv", data_dir / "sequences.txt"
     catalog = load_items(items_path, default_type=AMAZON_ENTITY_TYPE)
@@ -352,7 +354,7 @@ def load_amazon2014(data_dir: str | Path) -> Dataset:
         users.extend([len(user_ids)] * len(sequence))
         items.extend(catalog.row_of[i] for i in sequence)
         positions.extend(range(len(sequence)))
-        user_ids.append(user_id)
+        user_ids.append(f"u{user_id}")
     if not user_ids:
         raise UserError(f"{sequences_path}: no users")
     interactions = Interactions(user_ids, np.array(users, np.int32), np.array(items, np.int32),
