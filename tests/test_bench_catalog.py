@@ -19,8 +19,9 @@ def test_bench_catalog_runs_every_phase(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert list(result["phases"]) == ["data", "sids", "tasks", "tokenizer", "records", "decode"]
     for name, phase in result["phases"].items():
-        assert phase["seconds"] >= 0 and phase["peak_rss_gb"] > 0
+        assert phase["peak_rss_gb"] > 0
         assert (phase["bytes"] > 0) == (name != "decode")
+    assert sum(p["seconds"] for p in result["phases"].values()) <= result["seconds"] + 0.3  # each rounded
     assert result["peak_rss_gb"] == max(p["peak_rss_gb"] for p in result["phases"].values())
     assert result["sids"]["collision_rate_after"] == 0.0
     assert result["sids"]["codebook_sizes"]["type2"][:3] == [64, 64, 64]

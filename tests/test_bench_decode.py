@@ -26,6 +26,9 @@ def test_bench_decode_prints_one_json_object_with_valid_items(capsys):
         assert row["items_decoded"] == 2 * 3  # ID mode: every beam names one item
         assert row["steps_per_run"] == 2 + 3  # [SID], two codes, [/SID], EOS
         assert row["constrained_ms_per_step"] > 0 and row["unconstrained_ms_per_step"] > 0
+        in_stock = row["in_stock"]  # half the items, cached after the first set-up
+        assert in_stock["invalid_items"] == 0 and in_stock["out_of_stock_items"] == 0
+        assert in_stock["setup_first_call_ms"] > 0 and in_stock["setup_cached_call_ms"] > 0
     small, large = result["catalogs"]
     assert small["host_trie_ms_per_step"] > 0 and large["host_trie_ms_per_step"] is None  # skipped above the limit
     assert 0.0 <= small["hf_topk_agreement"] <= 1.0
@@ -65,9 +68,10 @@ def test_bench_decode_times_a_built_catalog_of_types_of_different_depths(tmp_pat
 
 @pytest.mark.parametrize("argv, message", [
     (["--items", "ten"], "--items must be comma-separated integers"),
-    (["--items", "2"], "--beams 3 is more than the smallest catalog's items per type (2 items, 1 type(s))"),
-    (["--items", "10", "--types", "4"], "(10 items, 4 type(s))"),
+    (["--items", "2"], "--beams 3 is more than the 2 items of the smallest catalog's smallest type"),
+    (["--items", "10", "--types", "4"], "more than the 2 items of the smallest catalog"),
     (["--types", "0"], "--items and --types must be positive"),
+    (["--in-stock-share", "1.5"], "--in-stock-share must be in [0, 1]"),
 ])
 def test_bench_decode_rejects_bad_flags(capsys, argv, message):
     assert cli.main(["bench", "decode", *SMALL, *argv]) == 2

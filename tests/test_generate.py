@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import re
 
 import jax
 import numpy as np
@@ -12,12 +14,14 @@ from flax import nnx
 
 from neo_jax.catalog.table import build_trie
 from neo_jax.decode.constraint import SidConstraint, Unconstrained, sid_requests
-from neo_jax.decode.generate import DecodeSettings, ItemRef, decode, pack_prompts, resolve, split_sids
+from neo_jax.decode.generate import (DecodeSettings, ItemRef, decode, lower_decode, pack_prompts, resolve,
+                                    split_sids)
 from neo_jax.decode.sid_tables import SidTables
 from neo_jax.errors import UserError
 from neo_jax.config import MeshConfig
 from neo_jax.model.config import ModelConfig
 from neo_jax.sharding import make_mesh
+from neo_jax.vocab import EntityType, VocabLayout
 from sid_fixtures import EOS_ID, LAYOUT, Request, ReferenceRules, Catalog
 
 CONFIG = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=LAYOUT.padded_size, num_real_tokens=LAYOUT.size,
@@ -138,6 +142,28 @@ def test_beam_search_sharded_on_8_devices_equals_one_device(setup, random_decode
     np.testing.assert_array_equal(sharded.tokens, single.tokens)
     np.testing.assert_array_equal(sharded.lengths, single.lengths)
     np.testing.assert_allclose(sharded.scores, single.scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [4, 8])  # replicated prompts; prompts split over the 8 devices
+def test_the_tables_stay_whole_on_every_device_of_a_mesh(random_decoder, batch):
+    """Each device reads its own copy of the bitmaps: the compiled decode never slices them (XLA's
+    propagation from the vocabulary-sharded logits used to split their words over fsdp, re-slicing
+    the tables at each call and exchanging pieces at each step)."""
+    layout = VocabLayout(text_size=64, entity_types=(EntityType("item", (256, 256)),))  # 8 bitmap words
+    codes = np.random.default_rng(0).permutation(256 * 256)[:600]  # [items], distinct
+    trie = build_trie(np.stack([codes // 256, codes % 256], 1), np.zeros(600, np.int32), (2,))
+    mesh = make_mesh(MeshConfig())  # fsdp=8
+    tables = SidTables.from_trie(trie, layout, mesh)
+    requests_on_device = sid_requests(trie, layout, tables, entity_types=[None] * batch,
+                                      output_formats=["ids", "mixed"] * (batch // 2), beam_size=3)
+    constraint = SidConstraint.create(tables, requests_on_device, layout, EOS_ID)
+    config = dataclasses.replace(CONFIG, vocab_size=layout.padded_size, num_real_tokens=layout.size)
+    model = random_decoder(config, mesh, seed=5, allow_replicated=("kv_heads",))
+    packed = pack_prompts((PROMPTS * 3)[:batch], max_context=32, max_new_tokens=6, vocab_limit=layout.size)
+    settings = DecodeSettings("beam", max_new_tokens=6, beam_size=3)
+    hlo = lower_decode(model, packed, constraint, settings, EOS_ID, mesh).compile().as_text()
+    rows, words = tables.child_bits.shape
+    assert set(re.findall(rf"u32\[{rows},(\d+)\]", hlo)) == {str(words)}
 
 
 def test_split_sids_resolves_spans_and_keeps_an_unclosed_one_as_ids():

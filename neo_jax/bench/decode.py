@@ -10,7 +10,11 @@ random decoder runs the same beam search loop three ways on the same prefilled p
 - `unconstrained`: `Unconstrained`, the no-op constraint in the same loop;
 - `host_trie`: `HostTrieConstraint`, a Python dict trie consulted on the host every step
   through `jax.pure_callback`, as `prefix_allowed_tokens_fn` users do (skipped above
-  `--host-trie-max-items`: building the dict takes minutes and gigabytes).
+  `--host-trie-max-items`: building the dict takes minutes and gigabytes);
+- `in_stock`: `SidConstraint` with an allowed-items subset (`--in-stock-share` of the items, seeded),
+  its device side built by the first request set-up and taken from the `ItemSubsets` cache by
+  every later one: `setup_first_call_ms` and `setup_cached_call_ms` (median) time `sid_requests`
+  itself, so the second says what a cached subset costs each call; `out_of_stock_items` must be 0.
 Time per step is a run's wall time over the loop iterations it ran (after a compiling warm-up;
 the prefill is not timed). The variants take turns, one run each per round, for `--repeats`
 rounds, so a shared machine's slow spells hit them alike: `*_ms_per_step` is the median over
@@ -37,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -50,7 +54,8 @@ from neo_jax.catalog.sid_output import load_sid_output
 from neo_jax.catalog.table import SidTrie, build_trie
 from neo_jax.checkpoint import abstract_decoder, save_model
 from neo_jax.decode.beam_search import beam_search
-from neo_jax.decode.constraint import Constraint, SidConstraint, Unconstrained, sid_requests
+from neo_jax.decode.constraint import (Constraint, ItemSubsets, SidConstraint, SidRequests, Unconstrained,
+                                       sid_requests)
 from neo_jax.decode.generate import decoder_step, pack_prompts, prefill, split_sids
 from neo_jax.decode.sid_tables import SidTables
 from neo_jax.decode.state import DecodeResult
@@ -85,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed rounds, one run of each variant per round; medians count (default 15)")
     parser.add_argument("--host-trie-max-items", type=int, default=1_000_000,
                         help="largest catalog for the host-side trie baseline (default 1000000)")
+    parser.add_argument("--in-stock-share", type=float, default=0.5,
+                        help="share of the items a seeded random in-stock subset keeps, timed as the `in_stock` "
+                             "variant (default 0.5; 0: no in-stock variant)")
     parser.add_argument("--no-torch", action="store_true",
                         help="skip the transformers generate(prefix_allowed_tokens_fn) comparison")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and SIDs")
@@ -166,8 +174,29 @@ def item_rows(result: DecodeResult, layout: VocabLayout, trie: SidTrie) -> tuple
     return rows, invalid
 
 
+def in_stock_requests(args, trie: SidTrie, layout: VocabLayout, tables: SidTables, asked: list
+                      ) -> tuple[np.ndarray, Callable[[], SidRequests]]:
+    """`(in_stock [n_items] bool over catalog rows, set_up)`: a seeded subset keeping `--in-stock-share` of
+    the items, and the per-call request set-up that names it, its device side cached in one `ItemSubsets`."""
+    in_stock = np.random.default_rng(args.seed + 1).random(trie.n_items) < args.in_stock_share  # [n_items]
+    subsets = ItemSubsets(trie, tables)
+    return in_stock, lambda: jax.block_until_ready(sid_requests(
+        trie, layout, tables, entity_types=asked, output_formats=["ids"] * args.batch, beam_size=args.beams,
+        allowed_rows=in_stock, subsets=subsets))
+
+
+def setup_ms(set_up: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """`(first call, median of the next `repeats` calls)`, wall milliseconds."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        set_up()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times[0], statistics.median(times[1:])
+
+
 def bench_catalog(args, model: Decoder, layout: VocabLayout, trie: SidTrie, prompts, mesh) -> dict:
-    """Time the three variants over `trie`; with several entity types, prompt b asks for type b mod types."""
+    """Time the variants over `trie`; with several entity types, prompt b asks for type b mod types."""
     start = time.perf_counter()
     n_items, n_types = trie.n_items, len(trie.levels_per_type)
     tables = SidTables.from_trie(trie, layout, mesh)
@@ -198,6 +227,10 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, trie: SidTrie, prom
     runs = {"constrained": run(constrained), "unconstrained": run(Unconstrained(layout.size), eos_id=-1)}
     if host_trie is not None:
         runs["host_trie"] = run(HostTrieConstraint(host_trie))
+    if args.in_stock_share > 0:
+        in_stock, set_up = in_stock_requests(args, trie, layout, tables, asked)
+        first_ms, cached_ms = setup_ms(set_up, args.repeats)
+        runs["in_stock"] = run(SidConstraint.create(tables, set_up(), layout, EOS_ID))
     times, results = interleaved_ms_per_step(runs, args.repeats, f"{n_items} items")
     if int(results["constrained"].steps) != int(results["unconstrained"].steps):
         raise AssertionError(f"the runs took {int(results['constrained'].steps)} and "
@@ -215,6 +248,15 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, trie: SidTrie, prom
            "constraint_overhead_ms_per_step": round(ms["constrained"] - ms["unconstrained"], 4),
            "items_decoded": sum(len(r) for r in rows), "host_trie_ms_per_step": None, "speedup_vs_host_trie": None,
            "host_trie_overhead_ms_per_step": None}
+    if args.in_stock_share > 0:
+        stock_rows, stock_invalid = item_rows(results["in_stock"], layout, trie)
+        out["in_stock"] = {
+            "share": args.in_stock_share, "ms_per_step": round(statistics.median(times["in_stock"]), 4),
+            "overhead_ratio": round(median_ratio(times["in_stock"], times["unconstrained"]), 4),
+            "setup_first_call_ms": round(first_ms, 3), "setup_cached_call_ms": round(cached_ms, 3),
+            "invalid_items": stock_invalid,
+            "out_of_stock_items": sum(int(not in_stock[row]) for found in stock_rows for row in found
+                                      if row is not None)}
     if host_trie is not None:
         out.update(host_trie_ms_per_step=round(ms["host_trie"], 4),
                    speedup_vs_host_trie=round(median_ratio(times["host_trie"], times["constrained"]), 2),
@@ -261,14 +303,14 @@ def hf_comparison(model: Decoder, layout: VocabLayout, trie: SidTrie, host_trie:
 
 
 def _catalogs(args: argparse.Namespace, text_vocab: int) -> tuple[VocabLayout, Iterator[SidTrie], int, int]:
-    """`(layout, the tries one at a time, levels at most, items in the smallest)`: the `--sids`
-    directory's catalog, or synthetic ones of the `--items` sizes."""
+    """`(layout, the tries one at a time, levels at most, items of the smallest type in the smallest
+    catalog)`: the `--sids` directory's catalog, or synthetic ones of the `--items` sizes."""
     if args.sids is not None:
         output = load_sid_output(args.sids)
         layout = VocabLayout(text_size=text_vocab - len(DEFAULT_SPECIALS), entity_types=output.entity_types,
                              pad_multiple=128)  # rows that shard over a mesh; never decoded
-        smallest = int(np.bincount(output.trie.item_types).min())
-        return layout, iter([output.trie]), max(output.trie.levels_per_type), smallest * len(output.entity_types)
+        smallest_type = int(np.bincount(output.trie.item_types).min())
+        return layout, iter([output.trie]), max(output.trie.levels_per_type), smallest_type
     try:
         sizes = sorted(int(s) for s in args.items.split(",") if s.strip())
     except ValueError:
@@ -280,17 +322,18 @@ def _catalogs(args: argparse.Namespace, text_vocab: int) -> tuple[VocabLayout, I
     layout = bench_layout(text_vocab, args.levels, sizes_per_type)
     tries = (build_trie(*synthetic_catalog(n, args.levels, sizes_per_type, args.seed), (args.levels,) * args.types)
              for n in sizes)
-    return layout, tries, args.levels, sizes[0]
+    return layout, tries, args.levels, sizes[0] // args.types
 
 
 def run(args: argparse.Namespace) -> int:
     if min(args.batch, args.beams, args.repeats, args.prompt_len) < 1:
         raise UserError("--batch, --beams, --repeats and --prompt-len must be positive")
-    layout, tries, levels, smallest = _catalogs(args, PRESETS[args.preset].vocab_size)
-    n_types = len(layout.entity_types)
-    if args.beams > smallest // n_types:
-        raise UserError(f"--beams {args.beams} is more than the smallest catalog's items per type "
-                        f"({smallest} items, {n_types} type(s))")
+    if not 0 <= args.in_stock_share <= 1:
+        raise UserError(f"--in-stock-share must be in [0, 1], got {args.in_stock_share}")
+    layout, tries, levels, smallest_type = _catalogs(args, PRESETS[args.preset].vocab_size)
+    if args.beams > smallest_type:
+        raise UserError(f"--beams {args.beams} is more than the {smallest_type} items of the smallest catalog's "
+                        "smallest type")
     mesh = mesh_from_arguments(args)
     model = bench_model(args, layout, mesh, levels)
     rng = np.random.default_rng(args.seed)
@@ -299,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
                            max_new_tokens=levels + 3, vocab_limit=layout.size)
 
     result = {"benchmark": "decode", "preset": args.preset, "batch": args.batch, "beams": args.beams,
-              "sids": None if args.sids is None else str(args.sids), "levels": levels, "types": n_types,
+              "sids": None if args.sids is None else str(args.sids), "levels": levels, "types": len(layout.entity_types),
               "type_codebook_sizes": {t.name: list(t.codebook_sizes) for t in layout.entity_types},
               "prompt_len": args.prompt_len,
               "vocab_size": layout.size, "devices": len(mesh.devices.flat), "platform": jax.devices()[0].platform,

@@ -15,6 +15,7 @@ level a prefix-change mask marks where a new node starts. No Python loop runs pe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -53,6 +54,11 @@ class SidTrie:
     @property
     def max_levels(self) -> int:
         return int(self.codes.shape[1])
+
+    @functools.cached_property
+    def items_per_type(self) -> np.ndarray:
+        """`[num_types]` int64: the items of each entity type (counted once)."""
+        return np.bincount(self.item_types, minlength=len(self.levels_per_type))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The array fields by name (what the store writes)."""

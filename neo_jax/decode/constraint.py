@@ -27,6 +27,7 @@ subtree still holds an allowed item, so a restricted catalog never leaves a beam
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import hashlib
 from typing import Protocol, Sequence
@@ -110,16 +111,16 @@ class SidRequests:
     @classmethod
     def create(cls, tables: SidTables, allowed_types: jax.Array, output_format: jax.Array,
                excluded: jax.Array | None = None, excluded_tokens: jax.Array | None = None,
-               subset: "ItemSubset | None" = None) -> "SidRequests":
+               allowed_prefix: jax.Array | None = None) -> "SidRequests":
         """Device-side setup (traceable).
 
         `allowed_types` `[batch, num_types]` bool; `output_format` `[batch]` int32;
         `excluded` `[batch, max_excluded]` int32 sorted distinct trie positions of items the
         request may not name, `_NO_ITEM` padding, and `excluded_tokens` `[batch, max_excluded,
         max_levels]` int32 their SID tokens (-1 past an item's depth and in padding);
-        `subset`: the only items the batch may name (in stock), already on the device.
+        `allowed_prefix` `[n_items + 1]` int32: an allowed-items subset's (`ItemSubset.prefix`); its
+        bitmaps (`child_bits`) are the caller's to attach, so the subset's arrays never pass through here.
         """
-        allowed_prefix = None if subset is None else subset.prefix  # [n_items + 1]
 
         def item_count(node: jax.Array) -> jax.Array:
             """Items each request may still name under each node: `[batch, n]` -> `[batch, n]`."""
@@ -142,8 +143,7 @@ class SidRequests:
         if excluded_tokens is not None and excluded_tokens.shape[-1] > 1:
             dead_parent, dead_code = _dead_children(tables, excluded_tokens, item_count)
         return cls(output_format=output_format.astype(jnp.int32), root_mask=root_mask,
-                   has_items=jnp.any(root_mask, axis=1),
-                   child_bits=None if subset is None else subset.child_bits,
+                   has_items=jnp.any(root_mask, axis=1), child_bits=None,
                    dead_parent=dead_parent, dead_code=dead_code)
 
     def cleared_bits(self, node: jax.Array, words: int) -> jax.Array:
@@ -211,22 +211,32 @@ class ItemSubset:
 _create_subset = jax.jit(ItemSubset.create)
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedSubset:
+    """An `ItemSubset` with what the host checks of each request need of it, computed once."""
+
+    device: ItemSubset
+    items_per_type: np.ndarray  # [num_types] int64: the subset's items of each entity type
+
+
 class ItemSubsets:
     """The allowed-items subsets seen so far, each on the device once, keyed by the mask's content
-    (a digest of its packed bits); the `capacity` most recently used are kept."""
+    (a digest of its packed bits: about 1 ms at 10M items); the `capacity` most recently used are kept."""
 
     def __init__(self, trie: SidTrie, tables: SidTables, capacity: int = 8):
         self.trie, self.tables, self.capacity = trie, tables, capacity
-        self._subsets: collections.OrderedDict[bytes, ItemSubset] = collections.OrderedDict()
+        self._subsets: collections.OrderedDict[bytes, CachedSubset] = collections.OrderedDict()
         self.built = 0  # subsets computed on the device (the rest were reused)
 
-    def get(self, allowed_rows: np.ndarray) -> ItemSubset:
+    def get(self, allowed_rows: np.ndarray) -> CachedSubset:
         """The subset of `allowed_rows` `[n_items]` bool over catalog rows."""
         key = hashlib.sha1(np.packbits(allowed_rows).tobytes()).digest()
         if key in self._subsets:
             self._subsets.move_to_end(key)
             return self._subsets[key]
-        subset = _create_subset(self.tables, jnp.asarray(allowed_rows[self.trie.item_order]))
+        num_types = len(self.trie.levels_per_type)
+        subset = CachedSubset(_create_subset(self.tables, jnp.asarray(allowed_rows[self.trie.item_order])),
+                              np.bincount(self.trie.item_types[allowed_rows], minlength=num_types))
         self.built += 1
         self._subsets[key] = subset
         if len(self._subsets) > self.capacity:
@@ -291,7 +301,8 @@ class SidConstraint:
             raise UserError(f"the model's vocabulary of {vocab_size} rows is smaller than the layout's {sid_end}")
         node, in_span = state.node, state.in_span  # [batch, beams]
         row = tables.row(node)  # [batch, beams]
-        bits = (tables.child_bits if requests.child_bits is None else requests.child_bits)[row]  # [batch, beams, words]
+        child_bits = tables.child_bits if requests.child_bits is None else requests.child_bits
+        bits = tables.pin(child_bits[row])  # [batch, beams, words]
         if requests.dead_parent is not None:
             bits = bits & ~requests.cleared_bits(node, tables.words)
         block = tables.child_block[row]  # [batch, beams]
@@ -316,7 +327,7 @@ class SidConstraint:
         specials = (((special_ids == self.sid_open) & open_ok[..., None])
                     | ((special_ids == self.sid_close) & close_ok[..., None]))  # [batch, beams, specials]
         padding = jnp.zeros(node.shape + (vocab_size - sid_end,), bool)  # [batch, beams, padding]
-        return jnp.concatenate([text, specials, sid, padding], axis=-1)  # [batch, beams, vocab]
+        return tables.pin(jnp.concatenate([text, specials, sid, padding], axis=-1))  # [batch, beams, vocab]
 
     def advance(self, state: SidState, tokens: jax.Array) -> SidState:
         child = self.tables.child(state.node, tokens)  # [batch, beams]
@@ -364,18 +375,21 @@ def sid_requests(trie: SidTrie, layout: VocabLayout, tables: SidTables, *,
         if allowed_rows.dtype != bool or allowed_rows.shape != (trie.n_items,):
             raise UserError(f"the allowed-items mask must be bool [{trie.n_items}] over catalog rows, "
                             f"got {allowed_rows.dtype} {list(allowed_rows.shape)}")
-    # [batch, max_excluded] catalog rows, -1 padding
-    excluded = None if excluded_rows is None else _padded_rows(excluded_rows, trie.n_items, max_excluded)
-    _check_enough_items(trie, layout, formats, allowed_types, excluded, allowed_rows, beam_size)
-    positions = tokens = None
-    if excluded is not None:
-        positions, tokens = _excluded_items(trie, layout, excluded, allowed_rows)
     subset = None
     if allowed_rows is not None:
         subset = (subsets if subsets is not None else ItemSubsets(trie, tables)).get(allowed_rows)
-    return _create_requests(tables, jnp.asarray(allowed_types), jnp.asarray(formats),
-                            None if positions is None else jnp.asarray(positions),
-                            None if tokens is None else jnp.asarray(tokens), subset)
+    # [batch, max_excluded] catalog rows, -1 padding
+    excluded = None if excluded_rows is None else _padded_rows(excluded_rows, trie.n_items, max_excluded)
+    items_per_type = trie.items_per_type if subset is None else subset.items_per_type  # [num_types]
+    _check_enough_items(trie, layout, formats, allowed_types, excluded, allowed_rows, items_per_type, beam_size)
+    positions = tokens = None
+    if excluded is not None:
+        positions, tokens = _excluded_items(trie, layout, excluded, allowed_rows)
+    requests = _create_requests(tables, jnp.asarray(allowed_types), jnp.asarray(formats),
+                                None if positions is None else jnp.asarray(positions),
+                                None if tokens is None else jnp.asarray(tokens),
+                                None if subset is None else subset.device.prefix)
+    return requests if subset is None else requests.replace(child_bits=subset.device.child_bits)
 
 
 def _excluded_items(trie: SidTrie, layout: VocabLayout, excluded: np.ndarray,
@@ -420,11 +434,10 @@ def _padded_rows(rows_per_request: Sequence[Sequence[int]], n_items: int, width:
 
 
 def _check_enough_items(trie: SidTrie, layout: VocabLayout, formats: np.ndarray, allowed_types: np.ndarray,
-                        excluded: np.ndarray | None, allowed_rows: np.ndarray | None, beam_size: int) -> None:
-    """In ID mode the beams are distinct items: refuse a beam wider than the items left to name."""
-    num_types = allowed_types.shape[1]
-    kept = trie.item_types if allowed_rows is None else trie.item_types[allowed_rows]
-    per_type = np.bincount(kept, minlength=num_types)  # [num_types]
+                        excluded: np.ndarray | None, allowed_rows: np.ndarray | None, per_type: np.ndarray,
+                        beam_size: int) -> None:
+    """In ID mode the beams are distinct items: refuse a beam wider than the items left to name
+    (`per_type` `[num_types]`: the allowed items of each type)."""
     for b in np.flatnonzero(formats == OutputFormat.IDS):
         count = int(per_type[allowed_types[b]].sum())
         if excluded is not None:

@@ -153,14 +153,9 @@ def _decode(model: Decoder, tokens: jax.Array, segment_ids: jax.Array, positions
                   top_k=settings.top_k, top_p=settings.top_p, last_prompt_item=last_item)
 
 
-def decode(model: Decoder, prompts: PackedPrompts, constraint: Constraint, settings: DecodeSettings,
-           eos_id: int, mesh: Mesh | None = None, seed: int = 0, item_ids: np.ndarray | None = None) -> DecodeResult:
-    """Prefill and decode a batch of packed prompts in one jitted call (`seed`: sampling only);
-    `item_ids` `[batch, padded_len]`: the items the prompts' `[/SID]` tokens close (`ItemIds`; None: none).
-
-    With a `mesh` (the one the model lives on), prompts are split over its batch axes when
-    the batch divides evenly, else replicated; the beams of a request stay on its devices.
-    """
+def _decode_arguments(model: Decoder, prompts: PackedPrompts, constraint: Constraint, settings: DecodeSettings,
+                      eos_id: int, mesh: Mesh | None, seed: int, item_ids: np.ndarray | None) -> tuple:
+    """`_decode`'s arguments, the prompts placed on the mesh."""
     settings.check()
     if item_ids is None:
         item_ids = np.zeros(prompts.tokens.shape, np.int32)
@@ -169,7 +164,24 @@ def decode(model: Decoder, prompts: PackedPrompts, constraint: Constraint, setti
         split = prompts.lengths.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
         placement = batch_sharding if split else lambda m, ndim: NamedSharding(m, PartitionSpec())
         arrays = tuple(jax.device_put(a, placement(mesh, a.ndim)) for a in arrays)
-    return _decode(model, *arrays, jax.random.key(seed), constraint, settings, int(eos_id))
+    return (model, *arrays, jax.random.key(seed), constraint, settings, int(eos_id))
+
+
+def decode(model: Decoder, prompts: PackedPrompts, constraint: Constraint, settings: DecodeSettings,
+           eos_id: int, mesh: Mesh | None = None, seed: int = 0, item_ids: np.ndarray | None = None) -> DecodeResult:
+    """Prefill and decode a batch of packed prompts in one jitted call (`seed`: sampling only);
+    `item_ids` `[batch, padded_len]`: the items the prompts' `[/SID]` tokens close (`ItemIds`; None: none).
+
+    With a `mesh` (the one the model lives on), prompts are split over its batch axes when
+    the batch divides evenly, else replicated; the beams of a request stay on its devices.
+    """
+    return _decode(*_decode_arguments(model, prompts, constraint, settings, eos_id, mesh, seed, item_ids))
+
+
+def lower_decode(model: Decoder, prompts: PackedPrompts, constraint: Constraint, settings: DecodeSettings,
+                 eos_id: int, mesh: Mesh | None = None, seed: int = 0, item_ids: np.ndarray | None = None):
+    """`decode`'s jitted call lowered, not run (`.compile().as_text()`: the partitioned program)."""
+    return _decode.lower(*_decode_arguments(model, prompts, constraint, settings, eos_id, mesh, seed, item_ids))
 
 
 @dataclasses.dataclass(frozen=True)

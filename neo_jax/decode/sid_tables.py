@@ -45,6 +45,8 @@ class SidTables:
     block_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)  # codebook size of each SID block
     block_offsets: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)  # [type][level] first id
     sid_start: int = flax.struct.field(pytree_node=False)  # first SID token id
+    # With a mesh, the tables' placement: whole on every device (`pin`).
+    replicated: NamedSharding | None = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
     def from_trie(cls, trie: SidTrie, layout: VocabLayout, mesh: Mesh | None = None) -> "SidTables":
@@ -73,7 +75,19 @@ class SidTables:
             block_sizes=block_sizes,
             block_offsets=tuple(tuple(row) for row in layout.block_offsets()),
             sid_start=layout.sid_start,
+            replicated=placement,
         )
+
+    def pin(self, x: jax.Array) -> jax.Array:
+        """`x` `[..., n]`, read from the tables (bitmap words, a vocabulary mask), with its last axis whole on
+        every device of the mesh; the leading (batch, beam) axes split as the batch is. Unchanged without
+        a mesh. XLA's sharding propagation would otherwise split the tables' words like the
+        vocabulary-sharded logits the mask meets: a slice of every table at each call (bytes growing with
+        the catalog) and collectives at each step, where a local lookup costs nothing."""
+        if self.replicated is None:
+            return x
+        spec = PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * (x.ndim - 1), None)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.replicated.mesh, spec))
 
     @property
     def words(self) -> int:
@@ -101,7 +115,8 @@ class SidTables:
         row = self.row(node)  # [...]
         code = self.child_code(node, token)  # [...]
         below = code_bits_below(code, self.words)  # [..., words]
-        rank = jnp.sum(jax.lax.population_count(self.child_bits[row] & below), axis=-1, dtype=jnp.int32)  # [...]
+        bits = self.pin(self.child_bits[row])  # [..., words]
+        rank = jnp.sum(jax.lax.population_count(bits & below), axis=-1, dtype=jnp.int32)  # [...]
         sid_index = jnp.clip(token - self.sid_start, 0, self.root_child.shape[0] - 1)  # [...]
         child = jnp.where(node == ROOT, self.root_child[sid_index], self.child_start[node] + rank)  # [...]
         return jnp.maximum(child, ROOT)  # a token no live beam could take leads back to the root
