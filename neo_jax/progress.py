@@ -15,13 +15,14 @@ from typing import Mapping, TextIO
 from tqdm import tqdm
 
 LOG_FORMAT = "{desc} {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
+OPEN_LOG_FORMAT = "{desc} {n_fmt} [{elapsed}, {rate_fmt}]{postfix}"  # the total not known
 
 
 class Progress:
     """`update(done, fields)`: `done` of `total` finished (counted from 0, `start` of them before this
-    process began, e.g. a resumed run's steps); `fields` are shown after the rate."""
+    process began, e.g. a resumed run's steps; `total` None: not known); `fields` are shown after the rate."""
 
-    def __init__(self, total: int, label: str = "step", unit: str = "step", start: int = 0,
+    def __init__(self, total: int | None, label: str = "step", unit: str = "step", start: int = 0,
                  interval: float = 2.0, stream: TextIO | None = None):
         self.total, self.label, self.unit, self.start, self.interval = total, label, unit, start, interval
         self.stream = stream or sys.stderr
@@ -44,7 +45,8 @@ class Progress:
             return
         self._last_line = now
         line = tqdm.format_meter(done, self.total, now - self._began, prefix=self.label, unit=self.unit,
-                                 initial=self.start, postfix=postfix or None, bar_format=LOG_FORMAT)
+                                 initial=self.start, postfix=postfix or None,
+                                 bar_format=LOG_FORMAT if self.total is not None else OPEN_LOG_FORMAT)
         print(line, file=self.stream, flush=True)
 
     def close(self) -> None:

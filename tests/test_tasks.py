@@ -17,7 +17,7 @@ from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.tasks.builders import (ANY_TYPE, DEFAULT_TASKS, TASK_FORMATS, TEMPLATES, PromptHeader, TaskBuilder,
                                     TaskConfig, build_eval_examples, build_train_examples, load_sid_map,
                                     parse_header, random_window_spans, read_examples, render_prompt, window_spans,
-                                    write_examples)
+                                    write_examples, write_train_examples)
 from neo_jax.errors import UserError
 from neo_jax.vocab import SID_CODE_PATTERN, format_sid
 
@@ -182,6 +182,21 @@ def test_examples_are_seeded(dataset, tmp_path):
     assert first == again and first != other
     write_examples(tmp_path / "train.jsonl", first)
     assert read_examples(tmp_path / "train.jsonl") == first
+
+
+@pytest.mark.parametrize("config", [
+    TaskConfig(seed=5, explain_fraction=0.5),  # every default task; explanations drawn
+    TaskConfig(tasks=("recommend", "sid_to_text"), window=4, window_sampling="random", avoid_repeats=True, seed=2),
+])
+def test_streamed_train_examples_are_the_in_memory_ones_line_for_line(dataset, tmp_path, config):
+    sid_map = toy_sid_map(dataset.catalog)
+    split = leave_one_out(dataset.interactions.sequences())
+    examples = build_train_examples(dataset, split, sid_map, config, dataset.queries)
+    write_examples(tmp_path / "in_memory.jsonl", examples)
+    counts = write_train_examples(tmp_path / "train.jsonl", dataset, split, sid_map, config, dataset.queries)
+    assert (tmp_path / "train.jsonl").read_bytes() == (tmp_path / "in_memory.jsonl").read_bytes()
+    assert counts == collections.Counter(e.task for e in examples) and len(counts) > 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in_memory.jsonl", "train.jsonl"]  # no scratch left
 
 
 def test_task_selection_and_bad_config(dataset):

@@ -24,8 +24,8 @@ from neo_jax.data.splits import leave_one_out, split_queries
 from neo_jax.data.synthetic import SynthConfig, generate
 from neo_jax.data.writers import write_dataset, write_queries
 from neo_jax.errors import UserError
-from neo_jax.tasks.builders import (DEFAULT_TASKS, TASKS, USER_TASKS, WINDOW_SAMPLING, TaskConfig, build_eval_examples,
-                                    build_train_examples, iter_examples, load_sid_map, load_user_sids, write_examples)
+from neo_jax.tasks.builders import (DEFAULT_TASKS, TASKS, USER_TASKS, WINDOW_SAMPLING, TaskConfig, iter_eval_examples,
+                                    iter_examples, load_sid_map, load_user_sids, write_examples, write_train_examples)
 from neo_jax.tasks.records import write_records
 from neo_jax.tokenizer import MixedTokenizer
 from neo_jax.progress import Progress
@@ -159,24 +159,23 @@ def _tasks(args: argparse.Namespace) -> dict:
     train_queries = test_queries = None
     if dataset.queries is not None:
         train_queries, test_queries = split_queries(dataset.queries, args.query_test_fraction, args.seed)
-    examples = {
-        "train": build_train_examples(dataset, split, sid_map, config, train_queries, users),
-        "valid": build_eval_examples(dataset, split.valid, sid_map, config, users),
-        "test": build_eval_examples(dataset, split.test, sid_map, config, users),
-    }
-    empty = [name for name, split_examples in examples.items() if not split_examples]
+    held_out = {"valid": split.valid, "test": split.test}
+    empty = [name for name, examples in held_out.items() if not examples]
     if empty:
         sequences = dataset.interactions.sequences()
         raise UserError(f"{args.data_dir}: no {' or '.join(empty)} examples: leave-one-out needs users with at least "
                         f"3 positive items (test, validation, training); {sum(len(s) >= 3 for s in sequences)} of "
                         f"{len(sequences)} users have them")
-    summary = {"out_dir": str(args.out_dir),
-               "examples": {name: len(split_examples) for name, split_examples in examples.items()},
-               "train_examples_per_task": dict(collections.Counter(e.task for e in examples["train"])),
-               "held_out_queries": 0 if test_queries is None else len(test_queries)}
     with atomic_output_dir(args.out_dir, overwrite=args.overwrite) as tmp:
-        for name, split_examples in examples.items():
-            write_examples(tmp / f"{name}.jsonl", split_examples)
+        per_task = write_train_examples(tmp / "train.jsonl", dataset, split, sid_map, config, train_queries, users)
+        if not per_task:
+            raise UserError(f"{args.data_dir}: the tasks {list(config.tasks)} make no training example")
+        counts = {"train": sum(per_task.values())}
+        for name, examples in held_out.items():
+            written = iter_eval_examples(dataset, examples, sid_map, config, users)
+            counts[name] = write_examples(tmp / f"{name}.jsonl", _with_progress(written, len(examples), name))
+        summary = {"out_dir": str(args.out_dir), "examples": counts, "train_examples_per_task": dict(per_task),
+                   "held_out_queries": 0 if test_queries is None else len(test_queries)}
         if test_queries is not None:
             write_queries(tmp / "queries_test.jsonl", test_queries, dataset.catalog)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -184,7 +183,7 @@ def _tasks(args: argparse.Namespace) -> dict:
 
 
 def _with_progress(items: Iterable, total: int, label: str) -> Iterator:
-    progress = Progress(total, label=f"tokenizing {label}", unit="example")
+    progress = Progress(total, label=label, unit="example")
     count = 0
     for count, item in enumerate(items, start=1):
         yield item
@@ -213,7 +212,7 @@ def _records(args: argparse.Namespace) -> dict:
     summaries = {}
     with atomic_output_dir(args.out_dir, overwrite=args.overwrite) as tmp:
         for split, path in paths.items():
-            examples = _with_progress(iter_examples(path), _count_lines(path), split)
+            examples = _with_progress(iter_examples(path), _count_lines(path), f"tokenizing {split}")
             summaries[split] = write_records(examples, tmp, split, tokenizer, args.shards, tokenizer.bos_id,
                                              tokenizer.eos_id, args.max_length, args.workers).to_dict()
         summary = {"out_dir": str(args.out_dir), "tokenizer": str(args.tokenizer), "splits": summaries}

@@ -51,6 +51,7 @@ from neo_jax.data.loaders import read_records
 from neo_jax.data.schema import Catalog, Dataset, Queries
 from neo_jax.data.splits import LeaveOneOutSplit, SequenceExample
 from neo_jax.errors import UserError
+from neo_jax.progress import Progress
 from neo_jax.vocab import format_sid
 
 TASKS = ("recommend", "search", "sid_to_text", "text_to_sid", "sid_to_type", "user_profile", "explain",
@@ -172,10 +173,17 @@ class TaskExample:
         return record
 
 
-def write_examples(path: str | Path, examples: Iterable[TaskExample]) -> None:
-    with Path(path).open("w", encoding="utf-8") as f:
-        for example in examples:
-            f.write(json.dumps(example.to_dict(), ensure_ascii=False) + "\n")
+def write_examples(path: str | Path, examples: Iterable[TaskExample]) -> int:
+    """One JSON line an example; returns the count."""
+    count = 0
+    with Path(path).open("wb") as f:
+        for count, example in enumerate(examples, start=1):
+            f.write(_json_line(example))
+    return count
+
+
+def _json_line(example: TaskExample) -> bytes:
+    return (json.dumps(example.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def iter_examples(path: str | Path) -> Iterator[TaskExample]:
@@ -467,7 +475,8 @@ def random_window_spans(length: int, window: int, rng: np.random.Generator) -> l
 
 def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: SidMap, config: TaskConfig,
                          queries: Queries | None = None, users: UserSids | None = None) -> list[TaskExample]:
-    """Training examples of every task in `config.tasks`, in a seeded random order.
+    """Training examples of every task in `config.tasks`, in a seeded random order, in memory (what
+    `write_train_examples` writes in bounded memory).
 
     Sequence tasks use only `split.train` and `split.train_sequences`; the profile tasks use only
     the negative feedback given before each user's first held-out item (`negatives_before`);
@@ -475,38 +484,76 @@ def build_train_examples(dataset: Dataset, split: LeaveOneOutSplit, sid_map: Sid
     dataset's queries); `users` (their SIDs) serve `config.user_sids` and the user tasks.
     """
     rng = np.random.default_rng(config.seed)
+    examples = list(_train_examples_by_task(dataset, split, sid_map, config, queries, users, rng))
+    return [examples[i] for i in rng.permutation(len(examples))]
+
+
+def write_train_examples(path: str | Path, dataset: Dataset, split: LeaveOneOutSplit, sid_map: SidMap,
+                         config: TaskConfig, queries: Queries | None = None, users: UserSids | None = None
+                         ) -> collections.Counter:
+    """Write `build_train_examples`' examples, the same lines in the same order, holding one example at a
+    time: each is appended to a scratch file beside `path` as it is made, and the seeded order then reads
+    the lines back by byte offset (8 bytes of memory an example, not the example). Progress on stderr;
+    returns the count of each task."""
+    path = Path(path)
+    made = Progress(None, label="train examples", unit="example")
+    rng = np.random.default_rng(config.seed)
+    counts: collections.Counter = collections.Counter()
+    offsets = [0]
+    scratch = path.with_name(path.name + ".by_task")
+    try:
+        with scratch.open("wb") as f:
+            for example in _train_examples_by_task(dataset, split, sid_map, config, queries, users, rng):
+                counts[example.task] += 1
+                offsets.append(offsets[-1] + f.write(_json_line(example)))
+                made.update(len(offsets) - 1)
+        made.update(len(offsets) - 1, force=True)
+        made.close()
+        starts = np.asarray(offsets, np.int64)  # [examples + 1]
+        with scratch.open("rb") as source, path.open("wb") as out:
+            for i in rng.permutation(starts.size - 1):
+                source.seek(starts[i])
+                out.write(source.read(starts[i + 1] - starts[i]))
+    finally:
+        scratch.unlink(missing_ok=True)
+    return counts
+
+
+def _train_examples_by_task(dataset: Dataset, split: LeaveOneOutSplit, sid_map: SidMap, config: TaskConfig,
+                            queries: Queries | None, users: UserSids | None,
+                            rng: np.random.Generator) -> Iterator[TaskExample]:
+    """`build_train_examples`' examples one at a time, task after task, drawing from `rng` in a fixed order."""
     builder = TaskBuilder(dataset.catalog, sid_map, config, rng, users)
-    tasks, examples = set(config.tasks), []
+    tasks = set(config.tasks)
     if "recommend" in tasks and config.window:
         spans = ((lambda n: window_spans(n, config.window)) if config.window_sampling == "tile"
                  else (lambda n: random_window_spans(n, config.window, rng)))
-        examples += [builder.window(seq[start:end], user) for user, seq in enumerate(split.train_sequences)
-                     for start, end in spans(len(seq))]
+        for user, seq in enumerate(split.train_sequences):
+            yield from (builder.window(seq[start:end], user) for start, end in spans(len(seq)))
     elif "recommend" in tasks:
-        examples += [builder.recommend(e.history, e.target, user=e.user) for e in split.train]
+        yield from (builder.recommend(e.history, e.target, user=e.user) for e in split.train)
     if "explain" in tasks:
         chosen = rng.random(len(split.train)) < config.explain_fraction
         explained = (builder.explain(e.history, e.target) for e, keep in zip(split.train, chosen) if keep)
-        examples += [e for e in explained if e is not None]
+        yield from (e for e in explained if e is not None)
     if "search" in tasks and queries is not None:
         for text, relevant in zip(queries.texts, queries.relevant):
             targets = rng.permutation(relevant)[: config.max_search_targets]
-            examples += [builder.search(text, int(t)) for t in targets]
+            yield from (builder.search(text, int(t)) for t in targets)
     for task in ("sid_to_text", "text_to_sid", "sid_to_type"):
         if task in tasks:
-            examples += [getattr(builder, task)(row) for row in range(len(dataset.catalog))]
+            yield from (getattr(builder, task)(row) for row in range(len(dataset.catalog)))
     if tasks & {"user_profile", *USER_TASKS}:
         # Only negative feedback from before the user's first held-out (validation) item: later
         # feedback would tell training about the time the evaluation asks to predict.
         negatives = dataset.interactions.negatives_before([len(seq) for seq in split.train_sequences])
         if "user_profile" in tasks:
-            examples += [builder.user_profile(seq, negatives[user])
-                         for user, seq in enumerate(split.train_sequences) if len(seq) >= 2]
+            yield from (builder.user_profile(seq, negatives[user])
+                        for user, seq in enumerate(split.train_sequences) if len(seq) >= 2)
         for task in USER_TASKS:
             if task in tasks:
-                examples += [getattr(builder, task)(user, seq, negatives[user])
-                             for user, seq in enumerate(split.train_sequences) if len(seq) >= 1]
-    return [examples[i] for i in rng.permutation(len(examples))]
+                yield from (getattr(builder, task)(user, seq, negatives[user])
+                            for user, seq in enumerate(split.train_sequences) if len(seq) >= 1)
 
 
 def build_eval_examples(dataset: Dataset, examples: list[SequenceExample], sid_map: SidMap,
@@ -514,14 +561,16 @@ def build_eval_examples(dataset: Dataset, examples: list[SequenceExample], sid_m
     """Next-item examples for validation or test: the window layout with `config.window`, else the
     first template; format `ids`. Each keeps the user's whole history, so an evaluation can leave
     it out of the ranking."""
+    return list(iter_eval_examples(dataset, examples, sid_map, config, users))
+
+
+def iter_eval_examples(dataset: Dataset, examples: Iterable[SequenceExample], sid_map: SidMap,
+                       config: TaskConfig, users: UserSids | None = None) -> Iterator[TaskExample]:
+    """`build_eval_examples`, one example at a time."""
     builder = TaskBuilder(dataset.catalog, sid_map, dataclasses.replace(config, tasks=("recommend",)),
                           np.random.default_rng(config.seed), users)
     item_ids = dataset.catalog.item_ids
-
-    def example(e: SequenceExample) -> TaskExample:
-        if config.window:
-            return builder.window_eval(e.history, e.target, e.user)
-        return builder.recommend(e.history, e.target, output_format="ids", template=0, user=e.user)
-
-    return [dataclasses.replace(example(e), history=tuple(item_ids[row] for row in e.history.tolist()))
-            for e in examples]
+    for e in examples:
+        example = (builder.window_eval(e.history, e.target, e.user) if config.window
+                   else builder.recommend(e.history, e.target, output_format="ids", template=0, user=e.user))
+        yield dataclasses.replace(example, history=tuple(item_ids[row] for row in e.history.tolist()))
