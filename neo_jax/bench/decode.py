@@ -14,7 +14,8 @@ random decoder runs the same beam search loop three ways on the same prefilled p
 - `in_stock`: `SidConstraint` with an allowed-items subset (`--in-stock-share` of the items, seeded),
   its device side built by the first request set-up and taken from the `ItemSubsets` cache by
   every later one: `setup_first_call_ms` and `setup_cached_call_ms` (median) time `sid_requests`
-  itself, so the second says what a cached subset costs each call; `out_of_stock_items` must be 0.
+  itself, against `setup_without_subset_ms` for the same requests with no subset, so the difference
+  is what a cached subset costs each call; `out_of_stock_items` must be 0.
 Time per step is a run's wall time over the loop iterations it ran (after a compiling warm-up;
 the prefill is not timed). The variants take turns, one run each per round, for `--repeats`
 rounds, so a shared machine's slow spells hit them alike: `*_ms_per_step` is the median over
@@ -174,15 +175,17 @@ def item_rows(result: DecodeResult, layout: VocabLayout, trie: SidTrie) -> tuple
     return rows, invalid
 
 
-def in_stock_requests(args, trie: SidTrie, layout: VocabLayout, tables: SidTables, asked: list
-                      ) -> tuple[np.ndarray, Callable[[], SidRequests]]:
-    """`(in_stock [n_items] bool over catalog rows, set_up)`: a seeded subset keeping `--in-stock-share` of
-    the items, and the per-call request set-up that names it, its device side cached in one `ItemSubsets`."""
+def request_setups(args, trie: SidTrie, layout: VocabLayout, tables: SidTables, asked: list
+                   ) -> tuple[np.ndarray, Callable[[], SidRequests], Callable[[], SidRequests]]:
+    """`(in_stock [n_items] bool over catalog rows, set_up_in_stock, set_up)`: a seeded subset keeping
+    `--in-stock-share` of the items, the per-call request set-up that names it (its device side cached
+    in one `ItemSubsets`), and the same set-up without a subset."""
     in_stock = np.random.default_rng(args.seed + 1).random(trie.n_items) < args.in_stock_share  # [n_items]
     subsets = ItemSubsets(trie, tables)
-    return in_stock, lambda: jax.block_until_ready(sid_requests(
+    set_up = lambda **subset: lambda: jax.block_until_ready(sid_requests(  # noqa: E731
         trie, layout, tables, entity_types=asked, output_formats=["ids"] * args.batch, beam_size=args.beams,
-        allowed_rows=in_stock, subsets=subsets))
+        **subset))
+    return in_stock, set_up(allowed_rows=in_stock, subsets=subsets), set_up()
 
 
 def setup_ms(set_up: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -228,9 +231,10 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, trie: SidTrie, prom
     if host_trie is not None:
         runs["host_trie"] = run(HostTrieConstraint(host_trie))
     if args.in_stock_share > 0:
-        in_stock, set_up = in_stock_requests(args, trie, layout, tables, asked)
-        first_ms, cached_ms = setup_ms(set_up, args.repeats)
-        runs["in_stock"] = run(SidConstraint.create(tables, set_up(), layout, EOS_ID))
+        in_stock, set_up_in_stock, set_up = request_setups(args, trie, layout, tables, asked)
+        first_ms, cached_ms = setup_ms(set_up_in_stock, args.repeats)
+        plain_ms = setup_ms(set_up, args.repeats)[1]
+        runs["in_stock"] = run(SidConstraint.create(tables, set_up_in_stock(), layout, EOS_ID))
     times, results = interleaved_ms_per_step(runs, args.repeats, f"{n_items} items")
     if int(results["constrained"].steps) != int(results["unconstrained"].steps):
         raise AssertionError(f"the runs took {int(results['constrained'].steps)} and "
@@ -254,6 +258,7 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, trie: SidTrie, prom
             "share": args.in_stock_share, "ms_per_step": round(statistics.median(times["in_stock"]), 4),
             "overhead_ratio": round(median_ratio(times["in_stock"], times["unconstrained"]), 4),
             "setup_first_call_ms": round(first_ms, 3), "setup_cached_call_ms": round(cached_ms, 3),
+            "setup_without_subset_ms": round(plain_ms, 3),
             "invalid_items": stock_invalid,
             "out_of_stock_items": sum(int(not in_stock[row]) for found in stock_rows for row in found
                                       if row is not None)}
