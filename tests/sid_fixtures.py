@@ -29,6 +29,7 @@ MAX_ITEMS = 1 + 2 * 3 + 3 * 2 * 2
 # Bounds on the trie of any such catalog; the device tables are padded to them.
 MAX_NODES = 1 + 1 + (2 + 6) + (3 + 6 + 12)
 MAX_ROOT_CHILDREN = 1 + 2 + 3
+MAX_BITMAP_WORDS = MAX_NODES + 1 + 1  # a word a row at most (every codebook fits one), then a read's padding
 MAX_EXCLUDED = MAX_ITEMS + 1
 
 
@@ -74,14 +75,16 @@ def fixed_shape_constraint(constraint: SidConstraint) -> SidConstraint:
     sid_end = tables.sid_start + sum(tables.block_sizes)
     tables = tables.replace(
         child_start=_grow(tables.child_start, MAX_NODES + 1, tables.child_start[-1]),
-        child_bits=_grow(tables.child_bits, MAX_NODES + 1, 0), child_block=_grow(tables.child_block, MAX_NODES + 1, -1),
+        child_bits=_grow(tables.child_bits, MAX_BITMAP_WORDS, 0),
+        bits_start=_grow(tables.bits_start, MAX_NODES + 2, tables.bits_start[-1]),
+        child_block=_grow(tables.child_block, MAX_NODES + 1, -1),
         node_code=_grow(tables.node_code, MAX_NODES, -1),
         subtree_lo=_grow(tables.subtree_lo, MAX_NODES, 0), subtree_hi=_grow(tables.subtree_hi, MAX_NODES, 0),
         root_token=_grow(tables.root_token, MAX_ROOT_CHILDREN, sid_end),
         root_type=_grow(tables.root_type, MAX_ROOT_CHILDREN, 0))
     if requests_on_device.child_bits is not None:
         requests_on_device = requests_on_device.replace(
-            child_bits=_grow(requests_on_device.child_bits, MAX_NODES + 1, 0))
+            child_bits=_grow(requests_on_device.child_bits, MAX_BITMAP_WORDS, 0))
     return constraint.replace(tables=tables, requests=requests_on_device)
 
 

@@ -162,8 +162,8 @@ def test_the_tables_stay_whole_on_every_device_of_a_mesh(random_decoder, batch):
     packed = pack_prompts((PROMPTS * 3)[:batch], max_context=32, max_new_tokens=6, vocab_limit=layout.size)
     settings = DecodeSettings("beam", max_new_tokens=6, beam_size=3)
     hlo = lower_decode(model, packed, constraint, settings, EOS_ID, mesh).compile().as_text()
-    rows, words = tables.child_bits.shape
-    assert set(re.findall(rf"u32\[{rows},(\d+)\]", hlo)) == {str(words)}
+    (size,) = tables.child_bits.shape
+    assert {int(n) for n in re.findall(r"u32\[(\d+)\]", hlo) if int(n) >= size // 8} == {size}
 
 
 def test_split_sids_resolves_spans_and_keeps_an_unclosed_one_as_ids():

@@ -104,7 +104,7 @@ class SidRequests:
     output_format: jax.Array  # [batch] int32 (OutputFormat)
     root_mask: jax.Array  # [batch, sid_tokens] bool: SID tokens allowed right after `[SID]`
     has_items: jax.Array  # [batch] bool: at least one allowed item exists, so `[SID]` leads somewhere
-    child_bits: jax.Array | None  # [bitmap_rows, words] uint32: the tables' bitmaps less children with no allowed item
+    child_bits: jax.Array | None  # like `SidTables.child_bits`, less the children with no allowed item
     dead_parent: jax.Array | None  # [batch, dead] int32: a node one of whose children lost every item (-1: none)
     dead_code: jax.Array | None  # [batch, dead] int32: that child's code
 
@@ -176,17 +176,18 @@ def _dead_children(tables: SidTables, excluded_tokens: jax.Array, item_count) ->
 
 
 def _restricted_bits(tables: SidTables, allowed_prefix: jax.Array) -> jax.Array:
-    """The tables' bitmaps keeping only children whose subtree holds an allowed item."""
+    """The tables' bitmaps (same layout) keeping only children whose subtree holds an allowed item."""
     num_nodes = tables.node_code.shape[0]
-    rows, words = tables.child_bits.shape
-    nodes = jnp.arange(1, num_nodes, dtype=jnp.int32)  # [num_nodes - 1]: every node but the root
-    parent = jnp.searchsorted(tables.child_start, nodes, side="right").astype(jnp.int32) - 1  # [num_nodes - 1]
+    nodes = jnp.arange(1, num_nodes, dtype=jnp.int32)  # [n]: every node but the root
+    parent = jnp.searchsorted(tables.child_start, nodes, side="right").astype(jnp.int32) - 1  # [n]
     available = allowed_prefix[tables.subtree_hi[nodes]] > allowed_prefix[tables.subtree_lo[nodes]]
-    code = tables.node_code[nodes]  # [num_nodes - 1]
+    code = tables.node_code[nodes]  # [n]
     bit = jnp.where(available, jnp.uint32(1) << (code % WORD_BITS).astype(jnp.uint32), jnp.uint32(0))
-    # The children of one (parent, word) set distinct bits, so adding them ORs them.
-    flat = jnp.zeros(rows * words, jnp.uint32).at[parent * words + code // WORD_BITS].add(bit, mode="drop")
-    return flat.reshape(rows, words)
+    # The children of one (parent, word) set distinct bits, so adding them ORs them. The root has no
+    # words (requests mask its children), so its children's bits are dropped.
+    words = tables.child_bits.shape[0]
+    slot = jnp.where(parent == ROOT, words, tables.bits_start[parent] + code // WORD_BITS)  # [n]
+    return jnp.zeros_like(tables.child_bits).at[slot].add(bit, mode="drop")
 
 
 _create_requests = jax.jit(SidRequests.create)
@@ -198,7 +199,7 @@ class ItemSubset:
     request batch that names it: the per-node scatter of its bitmaps runs once per subset, not per call."""
 
     prefix: jax.Array  # [n_items + 1] int32: allowed items among the first k in trie order
-    child_bits: jax.Array  # [bitmap_rows, words] uint32: the tables' bitmaps less children with no allowed item
+    child_bits: jax.Array  # like `SidTables.child_bits`, less the children with no allowed item
 
     @classmethod
     def create(cls, tables: SidTables, allowed_items: jax.Array) -> "ItemSubset":
@@ -302,7 +303,7 @@ class SidConstraint:
         node, in_span = state.node, state.in_span  # [batch, beams]
         row = tables.row(node)  # [batch, beams]
         child_bits = tables.child_bits if requests.child_bits is None else requests.child_bits
-        bits = tables.pin(child_bits[row])  # [batch, beams, words]
+        bits = tables.row_bits(child_bits, row)  # [batch, beams, words]
         if requests.dead_parent is not None:
             bits = bits & ~requests.cleared_bits(node, tables.words)
         block = tables.child_block[row]  # [batch, beams]
