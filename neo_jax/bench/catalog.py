@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
                                                  "max_items_per_leaf_before", "levels", "codebook_sizes", "trie")},
         "records": (figures["records"] or {}).get("splits"),
         "decode": {key: catalog.get(key) for key in ("constrained_ms_per_step", "unconstrained_ms_per_step",
-                                                     "overhead_ratio", "invalid_items", "wrong_type_items")}
+                                                     "overhead_ratio", "invalid_items", "wrong_type_items", "in_stock")}
         | {"devices": decode.get("devices")},
     }
     json.dump(result, sys.stdout)

@@ -5,11 +5,11 @@ one SID block of the vocabulary (one entity type, one level), so a bitmap of uin
 node (bit c set iff the node has a child of code c; as many words as that block's codebook
 needs, so a node above a narrow disambiguation level takes one word, not the widest block's)
 says which tokens may follow, and the rank of a code among the set bits (a popcount) says which
-child it leads to: CSR children are sorted by code, so child = `child_start[node] + rank`. A step then costs a gather
-of one bitmap row per beam and elementwise work over the vocabulary, whatever the catalog
-size and however wide the trie's nodes. The root's children span the level-0 blocks of every
-type; requests turn them into a per-request token mask once (`root_token`, `root_type`), and
-`root_child` maps a level-0 token back to its node.
+child it leads to: CSR children are sorted by code, so child = `child_start[node] + rank`. A
+step then costs a gather of one bitmap row per beam and elementwise work over the vocabulary,
+whatever the catalog size and however wide the trie's nodes. The root's children span the
+level-0 blocks of every type; requests turn them into a per-request token mask once
+(`root_token`, `root_type`), and `root_child` maps a level-0 token back to its node.
 
 Bitmap rows exist for node ids up to the last inner node, plus one trailing empty row that
 every larger id (a leaf) reads; leaves and the root have no words and `child_block` -1. The rows
