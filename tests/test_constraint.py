@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neo_jax.catalog.table import build_trie
-from neo_jax.decode.constraint import SidConstraint, SidState, Unconstrained, sid_requests
+from neo_jax.decode import constraint as constraint_module
+from neo_jax.decode.constraint import ItemSubsets, SidConstraint, SidState, Unconstrained, sid_requests
 from neo_jax.decode.sid_tables import SidTables
 from neo_jax.errors import UserError
 from neo_jax.vocab import EntityType, VocabLayout
@@ -119,6 +120,25 @@ def test_excluding_every_item_of_a_type_closes_that_branch():
     assert allowed.tolist() == [layout.sid_token("song", 0, 0), layout.sid_token("song", 0, 2)]
     outside = allowed_tokens(constraint, constraint.init_state(2, 1), layout.padded_size)
     assert not bool(outside[1, 0, layout.sid_open_id])  # no artist left: `[SID]` would be a dead end
+
+
+def test_item_subsets_build_once_per_content_and_digest_a_read_only_mask_once(monkeypatch):
+    layout, trie, tables = small_catalog()
+    subsets = ItemSubsets(trie, tables)
+    digests = []
+    real_sha1 = constraint_module.hashlib.sha1
+    monkeypatch.setattr(constraint_module.hashlib, "sha1", lambda data: digests.append(1) or real_sha1(data))
+    stock = np.array([1, 1, 0, 1, 1], bool)
+    first = subsets.get(stock)
+    assert subsets.get(stock.copy()) is first and subsets.built == 1  # same content, another array
+    assert first.items_per_type.tolist() == np.bincount(trie.item_types[stock], minlength=2).tolist()
+    stock[0] = False  # a writable mask changed in place is a new subset
+    assert subsets.get(stock) is not first and subsets.built == 2
+    read_only = np.array([1, 0, 1, 1, 1], bool)
+    read_only.flags.writeable = False
+    digests.clear()
+    third = subsets.get(read_only)
+    assert subsets.get(read_only) is third and subsets.get(read_only) is third and len(digests) == 1
 
 
 @pytest.mark.parametrize("kwargs, message", [

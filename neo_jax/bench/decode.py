@@ -181,6 +181,7 @@ def request_setups(args, trie: SidTrie, layout: VocabLayout, tables: SidTables, 
     `--in-stock-share` of the items, the per-call request set-up that names it (its device side cached
     in one `ItemSubsets`), and the same set-up without a subset."""
     in_stock = np.random.default_rng(args.seed + 1).random(trie.n_items) < args.in_stock_share  # [n_items]
+    in_stock.flags.writeable = False  # as `Generator` hands its masks over: digested once
     subsets = ItemSubsets(trie, tables)
     set_up = lambda **subset: lambda: jax.block_until_ready(sid_requests(  # noqa: E731
         trie, layout, tables, entity_types=asked, output_formats=["ids"] * args.batch, beam_size=args.beams,

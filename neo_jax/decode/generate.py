@@ -419,6 +419,7 @@ class Generator:
             return self._last_mask[1]
         mask = np.zeros(len(self.sids.item_ids), bool)  # [n_items] over catalog rows
         mask[self._rows(list(item_ids), "allowed")] = True
+        mask.flags.writeable = False  # so `ItemSubsets` can reuse its digest when it comes again
         self._last_mask = (item_ids, mask)
         return mask
 
