@@ -348,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
                            max_new_tokens=levels + 3, vocab_limit=layout.size)
 
     result = {"benchmark": "decode", "preset": args.preset, "batch": args.batch, "beams": args.beams,
-              "sids": None if args.sids is None else str(args.sids), "levels": levels, "types": len(layout.entity_types),
+              "sids": None if args.sids is None else str(args.sids), "levels": levels,
+              "types": len(layout.entity_types),
               "type_codebook_sizes": {t.name: list(t.codebook_sizes) for t in layout.entity_types},
               "prompt_len": args.prompt_len,
               "vocab_size": layout.size, "devices": len(mesh.devices.flat), "platform": jax.devices()[0].platform,

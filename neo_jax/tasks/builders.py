@@ -38,6 +38,7 @@ item does not share them.
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import json
@@ -499,7 +500,7 @@ def write_train_examples(path: str | Path, dataset: Dataset, split: LeaveOneOutS
     made = Progress(None, label="train examples", unit="example")
     rng = np.random.default_rng(config.seed)
     counts: collections.Counter = collections.Counter()
-    offsets = [0]
+    offsets = array.array("q", [0])  # int64 byte offsets of the lines, then the end
     scratch = path.with_name(path.name + ".by_task")
     try:
         with scratch.open("wb") as f:
@@ -509,7 +510,7 @@ def write_train_examples(path: str | Path, dataset: Dataset, split: LeaveOneOutS
                 made.update(len(offsets) - 1)
         made.update(len(offsets) - 1, force=True)
         made.close()
-        starts = np.asarray(offsets, np.int64)  # [examples + 1]
+        starts = np.frombuffer(offsets, np.int64)  # [examples + 1]
         with scratch.open("rb") as source, path.open("wb") as out:
             for i in rng.permutation(starts.size - 1):
                 source.seek(starts[i])
