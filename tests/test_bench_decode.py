@@ -26,6 +26,7 @@ def test_bench_decode_prints_one_json_object_with_valid_items(capsys):
         assert row["items_decoded"] == 2 * 3  # ID mode: every beam names one item
         assert row["steps_per_run"] == 2 + 3  # [SID], two codes, [/SID], EOS
         assert row["constrained_ms_per_step"] > 0 and row["unconstrained_ms_per_step"] > 0
+        assert 0 < row["bitmap_bytes"] < row["table_bytes"]
         in_stock = row["in_stock"]  # half the items, cached after the first set-up
         assert in_stock["invalid_items"] == 0 and in_stock["out_of_stock_items"] == 0
         assert min(in_stock[f"setup_{t}"] for t in ("first_call_ms", "cached_call_ms", "without_subset_ms")) > 0

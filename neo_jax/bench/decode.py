@@ -245,6 +245,8 @@ def bench_catalog(args, model: Decoder, layout: VocabLayout, trie: SidTrie, prom
     wrong_type = sum(int(trie.item_types[row] != b % n_types) for b, found in enumerate(rows) for row in found
                      if row is not None)
     out = {"items": n_items, "num_nodes": trie.num_nodes, "max_children": trie.max_children,
+           "table_bytes": sum(int(leaf.nbytes) for leaf in jax.tree.leaves(tables)),  # one device's copy
+           "bitmap_bytes": int(tables.child_bits.nbytes + tables.bits_start.nbytes),
            "steps_per_run": int(results["constrained"].steps),
            "constrained_ms_per_step": round(ms["constrained"], 4),
            "unconstrained_ms_per_step": round(ms["unconstrained"], 4),
