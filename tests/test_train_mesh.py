@@ -11,7 +11,7 @@ from neo_jax.model import ModelConfig
 from neo_jax.sharding import make_mesh
 from neo_jax.train.flops import matmul_params, measured_peak_flops, train_flops_per_token
 from neo_jax.train.monitor import read_metrics
-from neo_jax.train.trainer import train
+from neo_jax.train.trainer import _Throughput, train
 from train_fixtures import tiny_config, write_dataset
 
 SETTINGS = ("steps=4", "eval.every_steps=0", "checkpoint.every_steps=100", "stage=instruct")
@@ -60,13 +60,20 @@ def test_bfloat16_compute_keeps_float32_weights_and_follows_the_float32_curve(on
 
 def test_model_flops_count_every_matrix_product_once():
     d, f, layers, heads, kv, hd, vocab = 64, 96, 3, 4, 2, 16, 256
-    for tied in (False, True):
+    for tied, item_ids in ((False, 0), (True, 0), (True, 500)):
         config = ModelConfig("LlamaForCausalLM", vocab_size=vocab, hidden_size=d, intermediate_size=f,
                              num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hd,
-                             tie_word_embeddings=tied)
+                             tie_word_embeddings=tied, num_item_ids=item_ids)
         params = nnx.to_pure_dict(nnx.state(abstract_decoder(config)))
         per_layer = d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * f  # q, o; k, v; gate, up, down
-        assert matmul_params(params) == layers * per_layer + vocab * d  # + the output head, never the lookup
+        assert matmul_params(params) == layers * per_layer + vocab * d  # + the output head, never a lookup table
     flops = train_flops_per_token(1000, num_layers=2, num_heads=4, head_dim=16, seq_len=128)
     assert flops == 6 * 1000 + 6 * 2 * 4 * 16 * 128
     assert measured_peak_flops("float32") > 1e8  # any machine multiplies faster than 0.1 GFLOP/s
+
+
+def test_a_peak_measured_low_on_a_busy_start_is_measured_again_when_the_steps_outrun_it():
+    throughput = _Throughput(tokens_per_step=1000, flops_per_token=1000.0, peak_flops=1.0)  # far too low
+    throughput.steps, throughput.start = 1, throughput.start - 1.0  # a step of 10^6 model FLOPs a second
+    measured = throughput.measure()
+    assert throughput.peak_flops > 1e8 and 0.0 < measured["mfu"] <= 1.0

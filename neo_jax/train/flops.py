@@ -19,11 +19,10 @@ from flax import traverse_util
 
 def matmul_params(params: dict) -> int:
     """Weights of a decoder's parameter dict (arrays or shape structs) used in matrix products:
-    every matrix except an untied input embedding, which is read by lookup."""
+    every matrix except the tables read by lookup (an untied input embedding, the item-identity table)."""
     flat = traverse_util.flatten_dict(params)
-    matrices = sum(math.prod(v.shape) for v in flat.values() if len(v.shape) >= 2)
-    tied = ("lm_head",) not in flat
-    return matrices if tied else matrices - math.prod(flat[("embed_tokens",)].shape)
+    lookups = {("item_embed",)} | ({("embed_tokens",)} if ("lm_head",) in flat else set())
+    return sum(math.prod(v.shape) for k, v in flat.items() if len(v.shape) >= 2 and k not in lookups)
 
 
 def train_flops_per_token(matmul_weights: int, num_layers: int, num_heads: int, head_dim: int,
@@ -42,9 +41,15 @@ def train_flops_per_token(matmul_weights: int, num_layers: int, num_heads: int, 
 
 @functools.cache
 def measured_peak_flops(dtype_name: str = "float32") -> float:
+    """`measure_peak_flops`, once per process and dtype."""
+    return measure_peak_flops(dtype_name)
+
+
+def measure_peak_flops(dtype_name: str = "float32") -> float:
     """FLOP/s of this process's devices together on a large `jnp.dot` (best of a few runs).
 
-    Each local device multiplies its own `[n, n] x [n, n]` block of a batch-sharded
+    A machine busy with other work when it runs measures low; `_Throughput` in the trainer measures
+    again when a step outruns it. Each local device multiplies its own `[n, n] x [n, n]` block of a batch-sharded
     product; on CPU (where emulated devices share the cores) n is smaller so the
     measurement stays quick.
     """

@@ -57,7 +57,7 @@ from neo_jax.train.checkpointing import PreemptionWatch, TrainCheckpoints, abstr
 from neo_jax.eval.recommend import recall_hook, sample_examples
 from neo_jax.train.config import (SELECTABLE_METRICS, TrainConfig, check_against_mesh, check_resume_schedule,
                                   check_settings)
-from neo_jax.train.flops import matmul_params, measured_peak_flops, mfu, train_flops_per_token
+from neo_jax.train.flops import matmul_params, measure_peak_flops, measured_peak_flops, mfu, train_flops_per_token
 from neo_jax.train.input import train_batches, validation_batches
 from neo_jax.progress import Progress
 from neo_jax.train.monitor import MetricsLog, progress_fields
@@ -186,10 +186,16 @@ def train_state_layout(config: TrainConfig, model_config: ModelConfig, layout: V
 
 
 class _Throughput:
-    """Tokens/s and MFU over the steps since the last reset (compilation, evaluation and saves excluded)."""
+    """Tokens/s and MFU over the steps since the last reset (compilation, evaluation and saves excluded).
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
+    `peak_flops` is measured at start (`measured_peak_flops`, times `processes`); a start on a busy
+    machine measures it low, so when the steps outrun it, it is measured again and the larger kept.
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None,
+                 dtype_name: str = "float32", processes: int = 1):
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.dtype_name, self.processes = dtype_name, processes
         self.reset()
 
     def reset(self) -> None:
@@ -202,6 +208,8 @@ class _Throughput:
         tokens_per_s = self.tokens_per_step * self.steps / elapsed
         measured = {"tokens_per_s": tokens_per_s}
         if self.peak_flops:
+            if mfu(tokens_per_s, self.flops_per_token, self.peak_flops) > 1.0:
+                self.peak_flops = max(self.peak_flops, measure_peak_flops(self.dtype_name) * self.processes)
             measured["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.peak_flops)
         return measured
 
@@ -294,7 +302,7 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
     rows = config.batch_size * (preference_layout(config.data.records_dir)["candidates"]
                                 if config.stage == "preference" else 1)  # a preference group has a row a candidate
-    throughput = _Throughput(rows * config.seq_len, flops_per_token, peak)
+    throughput = _Throughput(rows * config.seq_len, flops_per_token, peak, config.compute_dtype, jax.process_count())
     return _Run(config, mesh, state_layout.graphdef, plan, layout, steps, state, start_step, data, valid_batches, checkpoints,
                 throughput, hooks, jax.jit(plan.params))
 
