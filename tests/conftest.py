@@ -1,5 +1,5 @@
-"""Shared test set-up: 8 emulated CPU devices, compiled code released when the process holds many
-memory mappings, and tiny random Hugging Face models on disk."""
+"""Shared test set-up: 8 emulated CPU devices, one compilation cache for the run, compiled code
+released when the process holds many memory mappings, and tiny random Hugging Face models on disk."""
 
 from __future__ import annotations
 
@@ -8,10 +8,38 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax is imported
 
 import gc  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+_CACHE_VARIABLE, _MIN_TIME_VARIABLE = "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+_MADE_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """One JAX compilation cache for the whole run, shared by the xdist workers and the commands the
+    tests start (they inherit the variables), removed at the end; a cache the caller names is kept.
+
+    Many tests build the same programs (each `train` call jits its step afresh, the variants of a
+    bench share a model), so a program compiled once is read back after that. A read still counts
+    in `neo_jax.serve.engine.compiles` (JAX times both as one backend compile).
+    """
+    if hasattr(config, "workerinput"):  # an xdist worker: jax read the main process's variables on import
+        return
+    if _CACHE_VARIABLE not in os.environ:
+        config.stash[_MADE_CACHE] = os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="neo_jax_test_cache_")
+    os.environ.setdefault(_MIN_TIME_VARIABLE, "0.1")
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ[_MIN_TIME_VARIABLE]))
+
+
+def pytest_unconfigure(config):
+    if _MADE_CACHE in config.stash:
+        shutil.rmtree(config.stash[_MADE_CACHE], ignore_errors=True)
 
 
 def _memory_mappings() -> tuple[int, int]:
