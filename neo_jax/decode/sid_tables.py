@@ -51,8 +51,8 @@ class SidTables:
     block_offsets: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)  # [type][level] first id
     sid_start: int = flax.struct.field(pytree_node=False)  # first SID token id
     words: int = flax.struct.field(pytree_node=False)  # the widest row's words: what a read takes
-    # With a mesh, the tables' placement: whole on every device (`pin`).
-    replicated: NamedSharding | None = flax.struct.field(pytree_node=False, default=None)
+    # The mesh the tables are whole on every device of (`pin`); None: the default device.
+    mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
     def from_trie(cls, trie: SidTrie, layout: VocabLayout, mesh: Mesh | None = None) -> "SidTables":
@@ -82,7 +82,7 @@ class SidTables:
             block_offsets=tuple(tuple(row) for row in layout.block_offsets()),
             sid_start=layout.sid_start,
             words=-(-max(block_sizes) // WORD_BITS),
-            replicated=placement,
+            mesh=mesh,
         )
 
     def pin(self, x: jax.Array) -> jax.Array:
@@ -91,10 +91,10 @@ class SidTables:
         a mesh. XLA's sharding propagation would otherwise split the tables' words like the
         vocabulary-sharded logits the mask meets: a slice of every table at each call (bytes growing with
         the catalog) and collectives at each step, where a local lookup costs nothing."""
-        if self.replicated is None:
+        if self.mesh is None:
             return x
         spec = PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * (x.ndim - 1), None)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.replicated.mesh, spec))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     def row(self, node: jax.Array) -> jax.Array:
         """Bitmap row of each node: its own below the last inner node, the empty row past it."""
