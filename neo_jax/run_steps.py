@@ -70,6 +70,7 @@ class StageSettings:
     eval_extra: dict = dataclasses.field(default_factory=dict)
     log_every: int = 10
     preference: dict = dataclasses.field(default_factory=dict)  # `TrainConfig.preference` of a preference stage
+    task_weights: dict = dataclasses.field(default_factory=dict)  # the records' task mix (`DataConfig`); {}: as written
 
 
 def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict, records: Path,
@@ -87,7 +88,8 @@ def train_stage(prefix: str, run_dir: Path, settings: StageSettings, init: dict,
     config = {
         "run_dir": str(run_dir), "stage": settings.stage, "init": init, "seed": settings.seed,
         "data": {"records_dir": str(records), "tokenizer": str(tokenizer),
-                 **({} if sids is None else {"sids": str(sids)})},
+                 **({} if sids is None else {"sids": str(sids)}),
+                 **({"task_weights": dict(settings.task_weights)} if settings.task_weights else {})},
         "mesh": dataclasses.asdict(settings.mesh), "steps": settings.steps, "batch_size": settings.batch_size,
         "seq_len": settings.seq_len, "log_every": settings.log_every, "dropout": settings.dropout,
         "item_id_dropout": settings.item_id_dropout,

@@ -9,6 +9,7 @@ from pathlib import Path
 import grain
 import numpy as np
 import pytest
+import yaml
 
 from neo_jax.align import scored_by
 from neo_jax.bench.align import AlignBenchConfig, run_bench_align
@@ -21,11 +22,13 @@ from neo_jax.sharding import make_mesh
 from neo_jax.tasks.builders import USER_LINE, read_examples
 from neo_jax.tasks.preference import PreferenceExample
 from neo_jax.tasks.records import record_paths
+from neo_jax.train.monitor import read_metrics
 from test_align import ALIGN, BENCH, small_catalog
 
 SETTINGS = [*(f"rec.{s}" for s in BENCH), "rec.item_ids=true", "rec.users.codebook_sizes=[8,8]",
             "rec.users.steps=30", "rec.users.batch_size=32", "rec.users.dim=8", "rec.users.hidden=16",
-            *(f"align.{s}" for s in ALIGN), "align.stages=[easy,disliked]"]
+            *(f"align.{s}" for s in ALIGN), "align.stages=[easy,disliked]",
+            "behaviour_task_weights={recommend: 2, profile_to_user: 1, user_to_profile: 1}", "behaviour_steps=48"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,16 @@ def test_each_variant_builds_what_its_levels_say(bench):
         assert all((e.prompt.split("\n")[1].startswith(USER_LINE)) == named for e in test), name
         tasks = {e.task for e in read_examples(out / name / "rec" / "tasks" / "train.jsonl")}
         assert tasks == ({"recommend", "profile_to_user", "user_to_profile"} if named else {"recommend"}), name
+
+
+def test_the_behaviour_variant_trains_on_its_own_task_mix_and_steps(bench):
+    root, result = bench
+    for name, steps, weights in (("full", 48, {"recommend": 2, "profile_to_user": 1, "user_to_profile": 1}),
+                                 ("no_behaviour", 40, {}), ("no_token", 40, {})):
+        train = yaml.safe_load((root / "out" / name / "rec" / "train.yaml").read_text())
+        assert (train["steps"], train["data"].get("task_weights", {})) == (steps, weights), name
+        assert (result["variants"][name]["steps"], result["variants"][name]["task_weights"]) == (steps, weights)
+        assert read_metrics(root / "out" / name / "rec" / "train")[-1]["step"] == steps, name
 
 
 def test_the_stored_reference_of_a_model_with_item_identity_is_its_own_scoring(bench):

@@ -12,6 +12,8 @@ Each variant is a `neo-jax bench rec` run (`rec`: SIDs, window training, test ev
 - `no_behaviour`: the same SIDs, users included, but no user in the prompts and no profile tasks;
 - `no_token`: the item SIDs of `rec`'s own embedding settings, no user SIDs (so no behaviour level either);
 - the preference level off is every variant's fine-tuned row (its `align` stage "fine-tuned").
+`behaviour_task_weights` and `behaviour_steps` give the full variant its own task mix and length, so that
+its profile tasks need not crowd out next-item training.
 Only the first variant runs `rec.baselines`. Prints one JSON object (also OUT/result.json): per variant
 its levels, `bench rec`'s test figures (history kept) and every `align` row (validation, and test on
 `align.test_users`), then `ablation`: validation and test Recall/NDCG@10 of the full sequence, of the
@@ -46,6 +48,11 @@ class AlignBenchConfig:
     # Every variant's `bench rec` settings; `out`, `users.enabled`, `user_sids` and `behaviour_tasks` are
     # the variant's. `users` holds the fusion networks' and the users' codebooks' settings.
     rec: RecBenchConfig = RecBenchConfig()
+    # A variant with the behaviour level trains on the profile tasks too (on Beauty two records of
+    # three, and 57% of the tokens, as written). These replace its `rec.task_weights` and `rec.steps`
+    # (0: keep them) so it can see as many next-item windows as the other variants.
+    behaviour_task_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    behaviour_steps: int = 0
     # Every variant's `neo-jax align` settings; `init`, `data`, `sids`, `out`, `window` and `user_sids` are
     # the variant's.
     align: AlignConfig = AlignConfig()
@@ -54,12 +61,18 @@ class AlignBenchConfig:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise UserError(f"variants: {unknown or 'none'}; choose from {list(VARIANTS)}")
+        if self.behaviour_steps < 0:
+            raise UserError(f"behaviour_steps must be 0 (rec.steps) or positive, got {self.behaviour_steps}")
 
 
 def _variant_configs(config: AlignBenchConfig, name: str, root: Path, data_dir: Path,
                      first: bool) -> tuple[RecBenchConfig, AlignConfig]:
     levels = VARIANTS[name]
-    rec = dataclasses.replace(config.rec, out=str(root / "rec"),
+    rec = config.rec
+    if "behaviour" in levels:
+        rec = dataclasses.replace(rec, task_weights=config.behaviour_task_weights or rec.task_weights,
+                                  steps=config.behaviour_steps or rec.steps)
+    rec = dataclasses.replace(rec, out=str(root / "rec"),
                               users=dataclasses.replace(config.rec.users, enabled="token" in levels),
                               user_sids="behaviour" in levels, behaviour_tasks="behaviour" in levels,
                               baselines=config.rec.baselines if first else ())
@@ -83,8 +96,8 @@ def run_bench_align(config: AlignBenchConfig, data_dir: Path) -> dict:
         rec, align = _variant_configs(config, name, root / name, data_dir, index == 0)
         rec_result = run_bench(rec, data_dir)
         aligned = run_align(align)
-        variants[name] = {"levels": [*VARIANTS[name], "preference"],
-                          "rec_test": rec_result["protocols"]["history_kept"],
+        variants[name] = {"levels": [*VARIANTS[name], "preference"], "steps": rec.steps,
+                          "task_weights": rec.task_weights, "rec_test": rec_result["protocols"]["history_kept"],
                           "align": aligned["stages"]}
     ablation = []
     for name, variant in variants.items():

@@ -86,6 +86,9 @@ class RecBenchConfig:
     compute_dtype: str = "float32"  # bfloat16 on an accelerator
     mesh: MeshConfig = MeshConfig()
     steps: int = 3000
+    # The (instruct) training mix by records, e.g. {recommend: 0.8, profile_to_user: 0.1, user_to_profile: 0.1}
+    # (`neo-jax train`'s `data.task_weights`: each task shuffled and repeated on its own); {}: as written.
+    task_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     learning_rate: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -252,7 +255,7 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
                           unlikelihood_from_level=config.history_from_level,
                           unlikelihood_avoided_from_level=config.avoided_from_level, ema_decay=config.ema_decay,
                           compute_dtype=config.compute_dtype, log_every=50, evaluations=config.evaluations,
-                          eval_extra=_selection_settings(config, root))
+                          eval_extra=_selection_settings(config, root), task_weights=config.task_weights)
     if backbone is None:
         model_path = root / "model.yaml"
         atomic_write_text(model_path, yaml.safe_dump({**DEFAULT_MODEL, **config.model,
@@ -262,7 +265,7 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
         grounding = dataclasses.replace(stage, stage="grounding", steps=config.grounding_steps,
                                         learning_rate=config.grounding_learning_rate, warmup_steps=None,
                                         weight_decay=None, dropout=0.0, unlikelihood=0.0, ema_decay=0.0,
-                                        evaluations=4, eval_extra={})
+                                        evaluations=4, eval_extra={}, task_weights={})
         grounded = clock.run("train grounding", train_stage, PREFIX, root / "train_grounding", grounding,
                              {"checkpoint": str(backbone)}, root / "records", root / "tokenizer")
         init = {"checkpoint": str(grounded)}
