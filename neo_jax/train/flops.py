@@ -48,10 +48,9 @@ def measured_peak_flops(dtype_name: str = "float32") -> float:
 def measure_peak_flops(dtype_name: str = "float32") -> float:
     """FLOP/s of this process's devices together on a large `jnp.dot` (best of a few runs).
 
-    A machine busy with other work when it runs measures low; `_Throughput` in the trainer measures
-    again when a step outruns it. Each local device multiplies its own `[n, n] x [n, n]` block of a batch-sharded
-    product; on CPU (where emulated devices share the cores) n is smaller so the
-    measurement stays quick.
+    Each local device multiplies its own `[n, n] x [n, n]` block of a batch-sharded product; on CPU
+    (where emulated devices share the cores) n is smaller so the measurement stays quick. A machine
+    busy with other work measures low; the trainer's `_Throughput` measures again when steps outrun it.
     """
     devices = jax.local_devices()
     n = 1024 if devices[0].platform == "cpu" else 8192
