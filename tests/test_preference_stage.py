@@ -1,5 +1,6 @@
-"""The preference stage of `neo-jax train`: preference records as fixed-shape batches, the
-softmax-DPO objective against a forward pass of every candidate on its own, and exact resume of a
+"""The preference stage of `neo-jax train`: preference records as fixed-shape batches (a group a row,
+each completion a branch of its prompt), the softmax-DPO objective against a forward pass of every
+candidate on its own, and exact resume of a
 stage killed with SIGKILL (no chance to save) between checkpoints."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
+from neo_jax.catalog.item_ids import ItemIds
+from neo_jax.catalog.table import build_trie
 from neo_jax.checkpoint import load_model
 from neo_jax.config import MeshConfig, load_config
 from neo_jax.errors import UserError
@@ -68,32 +71,49 @@ def preference_config(root: Path, run_name: str, overrides: tuple[str, ...] = ()
     return load_config(TrainConfig, None, base + list(overrides))
 
 
-def test_a_group_becomes_one_row_a_candidate_with_its_completion_learned():
+def test_a_group_becomes_one_row_the_prompt_once_and_each_completion_a_branch_of_it():
     example = PreferenceExample("recommend", "product", "ids", np.array([1, 2, 3], np.int32),
                                 (sid_tokens(5), sid_tokens(9)), np.array([-2.0, -3.0], np.float32))
     again = PreferenceExample.from_bytes(example.to_bytes())
     np.testing.assert_array_equal(again.prompt, example.prompt)
     assert [c.tolist() for c in again.completions] == [c.tolist() for c in example.completions]
     np.testing.assert_array_equal(again.reference, example.reference)
-    features = preference_features(example.to_bytes(), seq_len=10, candidates=3)
+    features = preference_features(example.to_bytes(), seq_len=12, candidates=3)
     assert sorted(features) == sorted(PREFERENCE_KEYS)
-    for slot, completion in enumerate(example.completions):
-        sequence = np.concatenate([example.prompt, completion])
-        np.testing.assert_array_equal(features["tokens"][slot, :6], sequence[:-1])
-        np.testing.assert_array_equal(features["targets"][slot, :6], sequence[1:])
-        # the targets learned are exactly the completion's tokens
-        np.testing.assert_array_equal(features["targets"][slot][features["loss_mask"][slot] == 1], completion)
-        np.testing.assert_array_equal(features["segment_ids"][slot], [1] * 6 + [0] * 4)
-    assert not features["segment_ids"][2].any() and not features["loss_mask"][2].any()
+    first, second = example.completions
+    np.testing.assert_array_equal(features["tokens"], [1, 2, 3, *first[:-1], 3, *second[:-1], 0, 0])
+    np.testing.assert_array_equal(features["targets"][:10], [2, 3, *first, *second])
+    np.testing.assert_array_equal(features["loss_mask"], [0, 0] + [1] * 8 + [0, 0])
+    np.testing.assert_array_equal(features["branch_ids"], [0, 0] + [1] * 4 + [2] * 4 + [0, 0])
+    np.testing.assert_array_equal(features["segment_ids"], [1] * 10 + [0, 0])
+    # each branch goes on from the prompt's last position, as a row of its own would
+    np.testing.assert_array_equal(features["positions"][:10], [0, 1, 2, 3, 4, 5, 2, 3, 4, 5])
     np.testing.assert_array_equal(features["candidates"], [True, True, False])
     np.testing.assert_array_equal(features["reference"], [-2.0, -3.0, 0.0])
+
+
+def test_every_branch_carries_the_item_ids_of_its_own_row():
+    """A prompt that ends with a `[/SID]` opens every branch with it: each branch's copy names the
+    prompt's item, as in a row `prompt + completion` of its own, not the item of the branch before."""
+    codes = np.array([[k % 8, k // 8 % 8] for k in range(64)], np.int32)
+    item_ids = ItemIds.build(build_trie(codes, np.zeros(64, np.int64), (2,)), LAYOUT)
+    prompt = np.concatenate([[1, 2], sid_tokens(3), [4], sid_tokens(7)]).astype(np.int32)
+    example = PreferenceExample("recommend", "product", "ids", prompt, tuple(sid_tokens(k) for k in (5, 9, 12)),
+                                np.zeros(3, np.float32))
+    features = preference_features(example.to_bytes(), seq_len=32, candidates=3, item_ids=item_ids)
+    for slot, completion in enumerate(example.completions):
+        own_row = item_ids(np.concatenate([prompt, completion[:-1]]))  # [prompt + completion - 1]
+        np.testing.assert_array_equal(features["item_ids"][:prompt.size - 1], own_row[:prompt.size - 1])
+        np.testing.assert_array_equal(features["item_ids"][features["branch_ids"] == slot + 1],
+                                      own_row[prompt.size - 1:])
+        assert features["item_ids"][features["branch_ids"] == slot + 1][0] == 1 + 7  # the prompt's last item
 
 
 def test_a_group_too_long_or_with_too_many_completions_is_refused_clearly():
     example = PreferenceExample("recommend", "product", "ids", np.arange(20, dtype=np.int32),
                                 (sid_tokens(1), sid_tokens(2)), np.zeros(2, np.float32))
-    with pytest.raises(UserError, match="24 tokens.*raise seq_len"):
-        preference_features(example.to_bytes(), seq_len=16, candidates=2)
+    with pytest.raises(UserError, match="27 tokens.*raise seq_len"):  # 19 of the prompt, 4 a completion
+        preference_features(example.to_bytes(), seq_len=26, candidates=2)
     with pytest.raises(UserError, match="more than the 1 candidates"):
         preference_features(example.to_bytes(), seq_len=32, candidates=1)
     with pytest.raises(UserError, match="at least one rejected"):
@@ -122,7 +142,7 @@ def test_the_objective_is_softmax_dpo_of_each_candidate_scored_on_its_own():
     trainable, frozen = plan.split(nnx.to_pure_dict(state), jax.random.key(0))
     rng = np.random.default_rng(4)
     groups = [group(rng) for _ in range(5)]
-    features = [preference_features(g.to_bytes(), 20, 4) for g in groups]
+    features = [preference_features(g.to_bytes(), 32, 4) for g in groups]
     batch = {key: jnp.asarray(np.stack([f[key] for f in features])) for key in PREFERENCE_KEYS}
     beta, chosen_nll = 0.7, 0.5
     objective, sums = preference_objective(graphdef, plan, beta, chosen_nll)(trainable, frozen, batch, None)

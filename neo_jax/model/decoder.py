@@ -110,12 +110,16 @@ class Decoder(nnx.Module):
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                       cache: KVCache | SharedPromptCache | None = None, dropout: Dropout | None = None,
-                      item_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
+                      item_ids: jax.Array | None = None, branch_ids: jax.Array | None = None
+                      ) -> tuple[jax.Array, KVCache | SharedPromptCache | None]:
         """Final normed hidden states `[batch, len, embed]` and the updated cache (None without one).
 
         With a `SharedPromptCache` the rows are its sequences (`batch = requests * width`); the
         new tokens go to their own generated cache and attend to the shared prompt too. With
-        `dropout` (training), the embeddings and every residual branch are dropped."""
+        `dropout` (training), the embeddings and every residual branch are dropped. `branch_ids`
+        `[batch, len]` (no cache): each segment is a tree, see `neo_jax.model.layers.attention_mask`."""
+        if branch_ids is not None and cache is not None:
+            raise ValueError("branch_ids are for a full forward pass, without a cache")
         if isinstance(cache, SharedPromptCache):
             prompt_mask = cache.prompt.segment_ids != 0  # [requests, prompt_len]
             prompts = [PromptKeys(keys, values, prompt_mask)
@@ -124,7 +128,7 @@ class Decoder(nnx.Module):
                                                     dropout, item_ids)
             return hidden, cache.replace(generated=generated)
         return self._hidden_states(tokens, positions, segment_ids, cache, [None] * self.config.num_layers, dropout,
-                                   item_ids)
+                                   item_ids, branch_ids)
 
     def embed(self, tokens: jax.Array, item_ids: jax.Array | None = None) -> jax.Array:
         """The input embeddings `[batch, len, embed]` of `tokens`, plus each `item_ids` > 0's identity row."""
@@ -135,8 +139,8 @@ class Decoder(nnx.Module):
         return x.astype(self.compute_dtype)
 
     def _hidden_states(self, tokens, positions, segment_ids, cache: KVCache | None,
-                       prompts: list[PromptKeys | None], dropout: Dropout | None, item_ids: jax.Array | None
-                       ) -> tuple[jax.Array, KVCache | None]:
+                       prompts: list[PromptKeys | None], dropout: Dropout | None, item_ids: jax.Array | None,
+                       branch_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         batch, length = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
@@ -148,7 +152,8 @@ class Decoder(nnx.Module):
             query_slots = cache.end[:, None] + new_slots  # [batch, len]
             key_segments = write_at(cache.segment_ids, segment_ids, cache.end)  # [batch, max_len]
             key_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), key_segments.shape)
-        mask = attention_mask(segment_ids, query_slots, key_segments, key_slots)  # [batch, len, keys]
+        mask = attention_mask(segment_ids, query_slots, key_segments, key_slots, branch_ids,
+                              branch_ids)  # [batch, len, keys]
         inv_freq = rope_inverse_frequencies(self.config)
 
         x = self.embed(tokens, item_ids)  # [batch, len, embed]

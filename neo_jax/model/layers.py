@@ -66,16 +66,23 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return x * cos + rotated * sin
 
 
-def attention_mask(query_segments: jax.Array, query_slots: jax.Array,
-                   key_segments: jax.Array, key_slots: jax.Array) -> jax.Array:
+def attention_mask(query_segments: jax.Array, query_slots: jax.Array, key_segments: jax.Array, key_slots: jax.Array,
+                   query_branches: jax.Array | None = None, key_branches: jax.Array | None = None) -> jax.Array:
     """`[batch, queries, keys]` bool: the key is at or before the query, in the same segment, and not padding.
 
     Segment id 0 marks padding (and empty cache slots); packed examples carry distinct ids
     so attention never crosses them. Slots are indices in the key sequence (cache slots).
+    With branches (`[batch, queries]`, `[batch, keys]`), a segment is a tree: branch 0 its trunk, and a
+    query of branch b > 0 sees the trunk and its own branch only (several completions of one prompt
+    in one row, `neo_jax.tasks.preference`).
     """
     causal = key_slots[:, None, :] <= query_slots[:, :, None]  # [batch, queries, keys]
     same_segment = key_segments[:, None, :] == query_segments[:, :, None]
-    return causal & same_segment & (key_segments[:, None, :] != 0)
+    visible = causal & same_segment & (key_segments[:, None, :] != 0)
+    if query_branches is None:
+        return visible
+    same_branch = (key_branches[:, None, :] == 0) | (key_branches[:, None, :] == query_branches[:, :, None])
+    return visible & same_branch
 
 
 @struct.dataclass

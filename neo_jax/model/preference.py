@@ -13,9 +13,10 @@ padding (`rejected_mask` False): a row with none rejected has loss 0.
     chosen = sequence_log_probs(logits, targets, mask)   # [batch] from one forward pass
     loss = softmax_dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, mask)
 
-`candidate_log_probs` scores a preference batch (`neo_jax.tasks.preference`) with a decoder: the
-policy inside the train step (`neo_jax.train.step.preference_objective`), the reference once per
-stage when its records are written (`neo_jax.align`).
+`candidate_log_probs` scores a preference batch (`neo_jax.tasks.preference`: a group a row, the
+prompt once and each completion a branch of it) with a decoder: the policy inside the train step
+(`neo_jax.train.step.preference_objective`), the reference once per stage when its records are
+written (`neo_jax.align`).
 """
 
 from __future__ import annotations
@@ -26,27 +27,30 @@ import jax
 import jax.numpy as jnp
 
 
-def sequence_log_probs(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-    """`[batch]` the summed log-probability of each row's weighted targets.
-
-    `logits` `[batch, len, vocab]`, `targets` `[batch, len]` (the caller shifts, as for
-    `neo_jax.model.loss.masked_cross_entropy`), `weights` `[batch, len]` (1 on the completion)."""
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """`[batch, len]` the log-probability of each target under `logits` `[batch, len, vocab]`
+    (`targets` `[batch, len]`, shifted by the caller as for `neo_jax.model.loss.masked_cross_entropy`)."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, len, vocab]
-    target_log_probs = jnp.take_along_axis(log_probs, targets[:, :, None], axis=2)[:, :, 0]  # [batch, len]
-    return jnp.sum(target_log_probs * weights.astype(jnp.float32), axis=1)
+    return jnp.take_along_axis(log_probs, targets[:, :, None], axis=2)[:, :, 0]
+
+
+def sequence_log_probs(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """`[batch]` the summed log-probability of each row's weighted targets (`weights` `[batch, len]`,
+    1 on the completion; see `token_log_probs`)."""
+    return jnp.sum(token_log_probs(logits, targets) * weights.astype(jnp.float32), axis=1)
 
 
 def candidate_log_probs(model: Any, batch: dict[str, jax.Array], dropout: Any = None) -> jax.Array:
     """`[groups, candidates]` the summed log-probability of each candidate's completion under `model`
     (a `neo_jax.model.Decoder`), from a preference batch (`neo_jax.tasks.preference`: `tokens`,
-    `targets`, `loss_mask`, `segment_ids`, `positions`, `item_ids` `[groups, candidates, len]`); 0 in
-    empty slots."""
-    groups, candidates, length = batch["tokens"].shape
-    rows = lambda x: x.reshape(groups * candidates, length)
-    hidden, _ = model.hidden_states(rows(batch["tokens"]), rows(batch["positions"]), rows(batch["segment_ids"]),
-                                    dropout=dropout, item_ids=rows(batch["item_ids"]))  # [groups*cands, len, embed]
-    return sequence_log_probs(model.logits(hidden), rows(batch["targets"]),
-                              rows(batch["loss_mask"])).reshape(groups, candidates)
+    `targets`, `loss_mask`, `segment_ids`, `branch_ids`, `positions`, `item_ids` `[groups, len]`, a
+    group a row, each completion a branch of it; `candidates` `[groups, candidates]`); 0 in empty slots."""
+    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout=dropout,
+                                    item_ids=batch["item_ids"], branch_ids=batch["branch_ids"])  # [groups, len, embed]
+    scored = token_log_probs(model.logits(hidden), batch["targets"]) * batch["loss_mask"]  # [groups, len]
+    slots = jax.nn.one_hot(batch["branch_ids"] - 1, batch["candidates"].shape[1],
+                           dtype=jnp.float32)  # [groups, len, candidates]; the prompt (branch 0) in none
+    return jnp.einsum("gl,glc->gc", scored, slots)
 
 
 def softmax_dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,

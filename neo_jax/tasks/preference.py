@@ -9,17 +9,20 @@ stage's records are written (`neo_jax.align`). Keeping it as numbers rather than
 costs 4 bytes a completion instead of a second copy of the weights (and its forward pass) on every device; the reference model cannot change during
 a stage because it is not there.
 
-A batch is fixed-shape, no sequence packing: `[groups, candidates, seq_len]` where `candidates` is one
-chosen plus the most rejected any record of the directory has (`PREFERENCE_FILE`), each candidate its
-own row `prompt + completion`:
-- `tokens`, `targets` int32 `[groups, candidates, seq_len]`: input ids and the next token;
+A batch is fixed-shape, one group a row `[groups, seq_len]`: the prompt once, then each completion
+as a branch that attends to the prompt and to itself only (`neo_jax.model.layers.attention_mask`).
+The prompt's last token opens every branch (it predicts the completion's first token), so a row is
+`prompt[:-1]`, then `prompt[-1] + completion[:-1]` for each completion, and each branch's scores
+are exactly those of a row `prompt + completion` of its own, for a fraction of the tokens:
+- `tokens`, `targets` int32 `[groups, seq_len]`: input ids and the next token of the same branch;
 - `loss_mask` float32: 1.0 where the target is a completion token (whose log-probabilities sum to
   the candidate's sequence log-probability), else 0.0;
-- `segment_ids` int32: 1 on real tokens, 0 on padding (and on an empty candidate slot);
-- `positions` int32: 0, 1, ... along the row;
+- `segment_ids` int32: 1 on real tokens, 0 on padding;
+- `branch_ids` int32: 0 on the prompt, slot + 1 on the branch of candidate `slot`, 0 on padding;
+- `positions` int32: 0, 1, ... along the prompt, each branch going on from the prompt's last position;
 - `candidates` bool `[groups, candidates]`: the slot holds a completion (slot 0, the chosen, always);
 - `reference` float32 `[groups, candidates]`: the reference log-probabilities, 0 in empty slots;
-- `item_ids` int32 `[groups, candidates, seq_len]`: the item each `[/SID]` closes
+- `item_ids` int32 `[groups, seq_len]`: the item each `[/SID]` closes
   (`neo_jax.catalog.item_ids`; the input of a model with item identity), all 0 when no `ItemIds` is given.
 """
 
@@ -43,8 +46,8 @@ from neo_jax.tasks.pipeline import shard_records
 from neo_jax.tasks.records import WRITER_OPTIONS, shard_paths
 
 PREFERENCE_FILE = "preference.json"  # in a preference records directory: {"candidates", "max_length", splits}
-PREFERENCE_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "candidates", "reference",
-                   "item_ids")
+PREFERENCE_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "branch_ids", "positions", "candidates",
+                   "reference", "item_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +69,8 @@ class PreferenceExample:
 
     @property
     def length(self) -> int:
-        """Tokens of its longest row, prompt + completion."""
-        return self.prompt.size + max(c.size for c in self.completions)
+        """Tokens of its row: the prompt, and each completion as a branch (see the module docstring)."""
+        return self.prompt.size - 1 + sum(c.size for c in self.completions)
 
     def to_bytes(self) -> bytes:
         return pack((self.task, self.entity_type, self.output_format),
@@ -127,25 +130,34 @@ def example_features(example: PreferenceExample, seq_len: int, candidates: int,
     if len(example.completions) > candidates:
         raise UserError(f"a preference record has {len(example.completions)} completions, more than the "
                         f"{candidates} candidates of its directory's {PREFERENCE_FILE}")
-    if example.length > seq_len + 1:
-        raise UserError(f"a preference record ({example.task}) is {example.length} tokens, prompt and longest "
-                        f"completion; seq_len {seq_len} holds {seq_len + 1}: raise seq_len")
-    shape = (candidates, seq_len)
-    features = {"tokens": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32),
-                "loss_mask": np.zeros(shape, np.float32), "segment_ids": np.zeros(shape, np.int32),
-                "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy(),
-                "candidates": np.zeros(candidates, bool), "reference": np.zeros(candidates, np.float32)}
+    if example.length > seq_len:
+        raise UserError(f"a preference record ({example.task}) is {example.length} tokens, its prompt and every "
+                        f"completion; seq_len is {seq_len}: raise seq_len")
+    prompt = example.prompt.size
+    features = {"tokens": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
+                "loss_mask": np.zeros(seq_len, np.float32), "segment_ids": np.zeros(seq_len, np.int32),
+                "branch_ids": np.zeros(seq_len, np.int32), "positions": np.zeros(seq_len, np.int32),
+                "candidates": np.zeros(candidates, bool), "reference": np.zeros(candidates, np.float32),
+                "item_ids": np.zeros(seq_len, np.int32)}
+    features["tokens"][:prompt - 1] = example.prompt[:-1]
+    features["targets"][:prompt - 1] = example.prompt[1:]
+    features["positions"][:prompt - 1] = np.arange(prompt - 1)
+    start = prompt - 1
     for slot, completion in enumerate(example.completions):
-        sequence = np.concatenate([example.prompt, completion])  # [len + 1]
-        length = sequence.size - 1
-        features["tokens"][slot, :length] = sequence[:-1]
-        features["targets"][slot, :length] = sequence[1:]
-        features["loss_mask"][slot, example.prompt.size - 1:length] = 1.0
-        features["segment_ids"][slot, :length] = 1
+        end = start + completion.size  # the branch: prompt[-1], completion[:-1]
+        features["tokens"][start:end] = np.concatenate([example.prompt[-1:], completion[:-1]])
+        features["targets"][start:end] = completion
+        features["loss_mask"][start:end] = 1.0
+        features["branch_ids"][start:end] = slot + 1
+        features["positions"][start:end] = np.arange(prompt - 1, prompt - 1 + completion.size)
         features["candidates"][slot] = True
         features["reference"][slot] = example.reference[slot]
-    features["item_ids"] = (np.zeros(shape, np.int32) if item_ids is None
-                            else item_ids(features["tokens"]))  # [candidates, seq_len]
+        if item_ids is not None:  # each branch's as in its own row: a close may end the prompt
+            row_ids = item_ids(np.concatenate([example.prompt, completion[:-1]]))  # [prompt + completion - 1]
+            features["item_ids"][:prompt - 1] = row_ids[:prompt - 1]
+            features["item_ids"][start:end] = row_ids[prompt - 1:]
+        start = end
+    features["segment_ids"][:start] = 1
     return features
 
 

@@ -34,7 +34,7 @@ from neo_jax.train.stages import Params, StagePlan, apply_masked_updates, partit
 
 TrainState = dict[str, Any]
 # tokens, targets, loss_mask, segment_ids, positions: [batch, seq_len]; or a preference batch
-# (`neo_jax.tasks.preference`): those [groups, candidates, seq_len], candidates and reference [groups, candidates]
+# (`neo_jax.tasks.preference`): those and branch_ids [groups, seq_len], candidates and reference [groups, candidates]
 Batch = dict[str, jax.Array]
 DATA_AXES = ("data", "fsdp")
 
@@ -122,8 +122,8 @@ def completion_objective(graphdef: nnx.GraphDef, plan: StagePlan, unlikelihood: 
 
 
 def preference_objective(graphdef: nnx.GraphDef, plan: StagePlan, beta: float, chosen_nll: float = 0.0) -> LossSums:
-    """The softmax-DPO objective over `[groups, candidates, len]` preference batches
-    (`neo_jax.tasks.preference`; candidate 0 the chosen): the sum of the groups' losses ("loss", over
+    """The softmax-DPO objective over preference batches, a group a row (`neo_jax.tasks.preference`;
+    candidate 0 the chosen): the sum of the groups' losses ("loss", over
     "weight" groups) plus `chosen_nll` times the chosen completions' summed negative log-likelihood
     ("chosen_nll"); "accuracy" counts the groups whose chosen reward beats every rejected one."""
     def sums(trainable, frozen, batch, dropout):
@@ -186,8 +186,7 @@ def make_steps(graphdef: nnx.GraphDef, plan: StagePlan, tx: optax.GradientTransf
         batch_shardings = batch_in
     else:
         objective = eval_objective = preference_objective(graphdef, plan, preference.beta, preference.chosen_nll)
-        batch_shardings = {key: batch_sharding(mesh, 2 if key in ("candidates", "reference") else 3)
-                           for key in PREFERENCE_KEYS}
+        batch_shardings = {key: batch_sharding(mesh, 2) for key in PREFERENCE_KEYS}  # each [groups, ...]
     loss_and_grad = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):

@@ -50,7 +50,6 @@ from neo_jax.model.extend_vocab import extend_vocab
 from neo_jax.model.loss import HistoryPenalty
 from neo_jax.sharding import create_sharded, make_mesh, state_shardings
 from neo_jax.tasks.builders import read_examples
-from neo_jax.tasks.preference import preference_layout
 from neo_jax.tokenizer import LAYOUT_FILE, MixedTokenizer
 from neo_jax.train import distributed
 from neo_jax.train.checkpointing import PreemptionWatch, TrainCheckpoints, abstract_like
@@ -300,9 +299,7 @@ def _set_up(config: TrainConfig, devices: Sequence[jax.Device] | None) -> _Run:
     flops_per_token = train_flops_per_token(matmul_params(state_layout.abstract_params), model_config.num_layers,
                                             model_config.num_heads, model_config.head_dim, config.seq_len)
     peak = measured_peak_flops(config.compute_dtype) * jax.process_count() if config.mfu else None
-    rows = config.batch_size * (preference_layout(config.data.records_dir)["candidates"]
-                                if config.stage == "preference" else 1)  # a preference group has a row a candidate
-    throughput = _Throughput(rows * config.seq_len, flops_per_token, peak, config.compute_dtype, jax.process_count())
+    throughput = _Throughput(config.batch_size * config.seq_len, flops_per_token, peak, config.compute_dtype, jax.process_count())
     return _Run(config, mesh, state_layout.graphdef, plan, layout, steps, state, start_step, data, valid_batches, checkpoints,
                 throughput, hooks, jax.jit(plan.params))
 
