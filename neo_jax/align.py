@@ -90,7 +90,7 @@ class AlignConfig:
     rejected: int = 4  # rejected items per group, at most
     epochs: float = 1.0  # passes over a stage's groups
     batch_size: int = 16  # groups per step
-    seq_len: int = 256
+    seq_len: int = 256  # a group's row: its prompt and every completion (`neo_jax.tasks.preference`)
     learning_rate: float = 3e-5
     beta: float = 1.0
     chosen_nll: float = 1.0  # weight of the chosen completion's negative log-likelihood
