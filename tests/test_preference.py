@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neo_jax.model.preference import sequence_log_probs, softmax_dpo_loss
+from neo_jax.model.preference import softmax_dpo_loss, token_log_probs
 
 
 def numpy_softmax_dpo(pc, pr, rc, rr, beta, mask):
@@ -66,12 +66,11 @@ def test_padded_slots_count_for_nothing_and_an_empty_row_is_zero():
     assert np.all(np.isfinite(np.asarray(grads))) and float(grads[0, 1]) == 0.0 and float(jnp.abs(grads[1]).sum()) == 0.0
 
 
-def test_sequence_log_probs_sum_the_completion_tokens():
+def test_token_log_probs_are_the_log_softmax_at_each_target():
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(2, 4, 6)).astype(np.float32)
     targets = np.array([[1, 2, 3, 4], [5, 0, 1, 2]])
-    weights = np.array([[0, 1, 1, 0], [1, 1, 1, 1]], np.float32)
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    expected = [sum(log_probs[b, i, targets[b, i]] for i in range(4) if weights[b, i]) for b in range(2)]
-    got = sequence_log_probs(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+    expected = [[log_probs[b, i, targets[b, i]] for i in range(4)] for b in range(2)]
+    got = token_log_probs(jnp.asarray(logits), jnp.asarray(targets))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)

@@ -10,8 +10,8 @@ reference `pi_ref`, one chosen completion `w` and rejected completions `l_1 .. l
 With one rejected completion this is DPO's `-log sigmoid(r(w) - r(l))`. Rejected slots may be
 padding (`rejected_mask` False): a row with none rejected has loss 0.
 
-    chosen = sequence_log_probs(logits, targets, mask)   # [batch] from one forward pass
-    loss = softmax_dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, mask)
+    policy = candidate_log_probs(model, batch)   # [groups, candidates], the chosen first
+    loss = softmax_dpo_loss(policy[:, 0], policy[:, 1:], reference[:, 0], reference[:, 1:], beta, mask)
 
 `candidate_log_probs` scores a preference batch (`neo_jax.tasks.preference`: a group a row, the
 prompt once and each completion a branch of it) with a decoder: the policy inside the train step
@@ -32,12 +32,6 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     (`targets` `[batch, len]`, shifted by the caller as for `neo_jax.model.loss.masked_cross_entropy`)."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, len, vocab]
     return jnp.take_along_axis(log_probs, targets[:, :, None], axis=2)[:, :, 0]
-
-
-def sequence_log_probs(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-    """`[batch]` the summed log-probability of each row's weighted targets (`weights` `[batch, len]`,
-    1 on the completion; see `token_log_probs`)."""
-    return jnp.sum(token_log_probs(logits, targets) * weights.astype(jnp.float32), axis=1)
 
 
 def candidate_log_probs(model: Any, batch: dict[str, jax.Array], dropout: Any = None) -> jax.Array:
