@@ -93,13 +93,35 @@ def test_item_identity_rows_learn_for_the_items_training_closes(bench):
     assert not moved[0] and not moved[n_items + 1:].any() and moved[1:n_items + 1].any()
 
 
-def test_rerun_skips_finished_phases(bench, capsys):
+def test_rerun_skips_finished_phases_and_reads_back_unchanged_evaluations(bench, capsys, monkeypatch):
+    """A rerun measures nothing again while the model and the evaluation settings are the same; a model
+    saved anew is evaluated again."""
+    import os
+
     root, result = bench
-    again = run_bench(load_config(RecBenchConfig, None, [f"out={root / 'run'}", *SMALL, "baselines=[popularity]"]),
-                      root / "data")
+    config = load_config(RecBenchConfig, None, [f"out={root / 'run'}", *SMALL, "baselines=[popularity]"])
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("an unchanged evaluation was measured again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("neo_jax.eval.recommend.evaluate_recommendations", measured_again)
+        patched.setattr("neo_jax.baselines.popularity.popularity_ranking_metrics", measured_again)
+        again = run_bench(config, root / "data")
     assert "exists, skipped" in capsys.readouterr().err
-    assert again["protocols"]["history_kept"]["model"] == result["protocols"]["history_kept"]["model"]
-    assert again["protocols"]["history_kept"]["popularity"] == result["protocols"]["history_kept"]["popularity"]
+    assert not any(phase.startswith(("eval", "baseline")) for phase in again["phase_seconds"])
+    for protocol in ("history_kept", "history_excluded"):
+        for name in ("model", "popularity"):
+            assert again["protocols"][protocol][name] == result["protocols"][protocol][name]
+    assert again["valid_item_rate"] == result["valid_item_rate"]
+
+    params = root / "run" / "train" / "best" / "params"  # as if the selected model were saved again
+    written = params.stat().st_mtime_ns
+    os.utime(params, ns=(written + 1, written + 1))
+    resaved = run_bench(config, root / "data")
+    assert {"eval model (history_kept)", "eval model (history_excluded)"} <= set(resaved["phase_seconds"])
+    assert not any(phase.startswith("baseline") for phase in resaved["phase_seconds"])
+    assert resaved["protocols"]["history_kept"]["model"] == result["protocols"]["history_kept"]["model"]
 
 
 def test_a_pretrained_backbone_is_grounded_then_tuned(tmp_path, tiny_hf_model):

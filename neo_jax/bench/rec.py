@@ -16,13 +16,15 @@ Protocol: leave-one-out (the last item of each user is the test target, the one 
 validation target, the rest trains; users with fewer than 3 items only train), full ranking
 over the catalog, K in `ks`, `beams` >= max K beams (each beam is one distinct catalog item),
 every test user unless `eval_users` asks for a seeded random sample. Rerunning with the same
-OUT skips finished phases and resumes training.
+OUT skips finished phases, resumes training and reads back every evaluation whose model and settings
+are unchanged (`OUT/evaluations/`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -51,6 +53,7 @@ from neo_jax.tasks.builders import USER_TASKS, read_examples
 DATASETS = ("beauty", "sports")
 BASELINES = ("transition", "popularity", "sasrec")
 PREFIX = "bench rec"
+EVALUATIONS = "evaluations"  # in OUT: each test evaluation's result, with the inputs it was measured on
 
 @dataclasses.dataclass(frozen=True)
 class RecBenchConfig:
@@ -154,13 +157,24 @@ def _model_metrics(config: RecBenchConfig, root: Path, checkpoint: Path, chosen:
     from neo_jax.eval.recommend import evaluate_recommendations
     from neo_jax.sharding import make_mesh
 
-    examples = read_examples(root / "tasks" / "test.jsonl")
-    examples = [examples[i] for i in chosen.tolist()]
-    generator = load_generator(checkpoint, root / "sids", make_mesh(config.mesh), root / "tokenizer",
-                               allow_replicated=config.mesh.allow_replicated)
-    return {protocol: clock.run(f"eval model ({protocol})", evaluate_recommendations, generator, examples,
-                                beams=config.beams, batch_size=config.eval_batch_size, ks=config.ks,
-                                exclude_history=exclude)
+    @functools.cache  # loaded once for both protocols, and not at all when both are kept
+    def generator_and_examples():
+        examples = read_examples(root / "tasks" / "test.jsonl")
+        generator = load_generator(checkpoint, root / "sids", make_mesh(config.mesh), root / "tokenizer",
+                                   allow_replicated=config.mesh.allow_replicated)
+        return generator, [examples[i] for i in chosen.tolist()]
+
+    def evaluate(exclude_history: bool) -> dict:
+        return evaluate_recommendations(*generator_and_examples(), beams=config.beams,
+                                        batch_size=config.eval_batch_size, ks=config.ks,
+                                        exclude_history=exclude_history)
+
+    # the saved model's identity: its params directory is written anew by every save
+    saved = {"checkpoint": str(checkpoint), "params_written_ns": (checkpoint / "params").stat().st_mtime_ns}
+    return {protocol: _kept(root / EVALUATIONS / f"model_{protocol}.json",
+                            {**saved, **_users_key(config, chosen), "beams": config.beams, "ks": config.ks,
+                             "exclude_history": exclude},
+                            clock, f"eval model ({protocol})", evaluate, exclude)
             for protocol, exclude in (("history_kept", False), ("history_excluded", True))}
 
 
@@ -175,18 +189,41 @@ def _baseline_metrics(config: RecBenchConfig, data_dir: Path, root: Path, chosen
     split = dataclasses.replace(split, test=[split.test[i] for i in chosen.tolist()])
     n_items = len(dataset.catalog)
     out: dict[str, dict[str, dict]] = {}
+    inputs = {"data": str(data_dir), **_users_key(config, chosen), "ks": config.ks}
     for name in config.baselines:
         if name == "sasrec":
-            result = clock.run("baseline sasrec", train_sasrec, split, n_items, config.sasrec,
-                               lambda message: say(PREFIX, f"sasrec: {message}"), ks=config.ks)
+            result = _kept(root / EVALUATIONS / "sasrec.json", {**inputs, "sasrec": to_dict(config.sasrec)},
+                           clock, "baseline sasrec", train_sasrec, split, n_items, config.sasrec,
+                           lambda message: say(PREFIX, f"sasrec: {message}"), ks=config.ks)
             atomic_write_text(root / "sasrec_result.json", json.dumps(result, indent=2))
             out[name] = result["test_protocols"]
             continue
         metric = {"transition": transition_ranking_metrics, "popularity": popularity_ranking_metrics}[name]
-        out[name] = {protocol: clock.run(f"baseline {name} ({protocol})", metric, split, dataset.catalog,
-                                         config.ks, exclude)
+        out[name] = {protocol: _kept(root / EVALUATIONS / f"{name}_{protocol}.json",
+                                     {**inputs, "exclude_history": exclude}, clock, f"baseline {name} ({protocol})",
+                                     metric, split, dataset.catalog, config.ks, exclude)
                      for protocol, exclude in (("history_kept", False), ("history_excluded", True))}
     return out
+
+
+def _users_key(config: RecBenchConfig, chosen: np.ndarray) -> dict:
+    """What picks the evaluated test users (`sample_indices`), for `_kept`'s inputs."""
+    return {"eval_users": config.eval_users, "seed": config.seed, "test_users": int(chosen.size)}
+
+
+def _kept(path: Path, inputs: dict, clock: PhaseClock, name: str, fn, *args, **kwargs):
+    """`clock.run(name, fn, ...)`'s result, kept in `path` with the `inputs` it was measured on: a rerun
+    on the same inputs reads it there instead of measuring again."""
+    inputs = json.loads(json.dumps(inputs))  # as read back (tuples become lists)
+    if path.is_file():
+        saved = read_json_object(path)
+        if saved.get("inputs") == inputs:
+            say(PREFIX, f"{name}: {path} exists, skipped")
+            return saved["result"]
+    result = clock.run(name, fn, *args, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"inputs": inputs, "result": result}, indent=2))
+    return result
 
 
 def _selection_settings(config: RecBenchConfig, root: Path) -> dict:
