@@ -27,6 +27,7 @@ from test_align import ALIGN, BENCH, small_catalog
 
 SETTINGS = [*(f"rec.{s}" for s in BENCH), "rec.item_ids=true", "rec.users.codebook_sizes=[8,8]",
             "rec.users.steps=30", "rec.users.batch_size=32", "rec.users.dim=8", "rec.users.hidden=16",
+            "rec.user_sid_share=0.5",
             *(f"align.{s}" for s in ALIGN), "align.stages=[easy,disliked]",
             "behaviour_task_weights={recommend: 2, profile_to_user: 1, user_to_profile: 1}", "behaviour_steps=48"]
 
@@ -58,8 +59,11 @@ def test_each_variant_builds_what_its_levels_say(bench):
     for name, named in (("full", True), ("no_behaviour", False), ("no_token", False)):
         test = read_examples(out / name / "rec" / "tasks" / "test.jsonl")
         assert all((e.prompt.split("\n")[1].startswith(USER_LINE)) == named for e in test), name
-        tasks = {e.task for e in read_examples(out / name / "rec" / "tasks" / "train.jsonl")}
-        assert tasks == ({"recommend", "profile_to_user", "user_to_profile"} if named else {"recommend"}), name
+        train = read_examples(out / name / "rec" / "tasks" / "train.jsonl")
+        assert {e.task for e in train} == ({"recommend", "profile_to_user", "user_to_profile"} if named
+                                           else {"recommend"}), name
+        windows_named = [e.prompt.split("\n")[1].startswith(USER_LINE) for e in train if e.task == "recommend"]
+        assert (0 < sum(windows_named) < len(windows_named)) if named else not any(windows_named), name  # share 0.5
 
 
 def test_the_behaviour_variant_trains_on_its_own_task_mix_and_steps(bench):

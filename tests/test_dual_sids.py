@@ -166,6 +166,43 @@ def test_behaviour_tasks_name_each_user_by_their_sid(dual, data_dir, tmp_path):
     assert fitted.prompt[:len(kept)].tolist() == kept
 
 
+def test_a_user_sid_share_names_the_user_in_that_share_of_training_prompts_and_in_every_evaluation(
+        dual, data_dir, tmp_path):
+    """`--user-sid-share 0.5`: about half the training windows carry the user's line, drawn with the
+    seed; validation and test prompts all do; the windows' items are those of the share-1 run."""
+    sids_dir, _ = dual
+    argv = ["data", "tasks", str(data_dir), str(sids_dir / "out" / "sids.tsv"), None, "--window", "4", "--user-sids",
+            "--tasks", "recommend"]
+
+    def tasks(name: str, *extra: str) -> Path:
+        out = tmp_path / name
+        assert main([a if a is not None else str(out) for a in argv] + list(extra)) == 0
+        return out
+
+    every = tasks("every")
+    half, again = (tasks(name, "--user-sid-share", "0.5") for name in ("half", "again"))
+    named = [e.prompt.split("\n")[1].startswith(USER_LINE) for e in read_examples(half / "train.jsonl")]
+    assert 0.3 < np.mean(named) < 0.7 and len(named) >= 100
+    assert all(e.prompt.split("\n")[1].startswith(USER_LINE) for e in read_examples(every / "train.jsonl"))
+    assert (half / "train.jsonl").read_text() == (again / "train.jsonl").read_text()  # seeded
+    for name in ("valid.jsonl", "test.jsonl"):
+        assert (half / name).read_text() == (every / name).read_text()
+
+    def items(out: Path) -> list[str]:
+        return sorted(e.completion for e in read_examples(out / "train.jsonl"))
+
+    assert items(half) == items(every)
+
+
+@pytest.mark.parametrize("extra, message", [(["--user-sids", "--user-sid-share", "0"], "user_sid_share must be"),
+                                            (["--user-sid-share", "0.5"], "needs user_sids")])
+def test_a_bad_user_sid_share_is_refused(dual, data_dir, tmp_path, capsys, extra, message):
+    sids_dir, _ = dual
+    code = main(["data", "tasks", str(data_dir), str(sids_dir / "out" / "sids.tsv"), str(tmp_path / "tasks"), *extra])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "tasks").exists()
+
+
 class _SidCharTokenizer:
     """One token per SID marker or code, one per other character: enough to measure lengths."""
 

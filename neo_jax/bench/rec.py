@@ -79,6 +79,7 @@ class RecBenchConfig:
     # `behaviour_tasks` adds the profile_to_user and user_to_profile examples to training.
     users: UserSidConfig = UserSidConfig()
     user_sids: bool = False
+    user_sid_share: float = 1.0  # with user_sids: the share of training prompts naming the user (`data tasks`)
     behaviour_tasks: bool = False
     # A pre-trained backbone (a `neo-jax import-hf` output, its tokenizer/ inside) instead of random
     # weights: its own tokenizer and model (`model` and `text_vocab_size` unused), SID rows alone for
@@ -276,7 +277,9 @@ def run_bench(config: RecBenchConfig, data_dir: Path) -> dict:
               ["data", "tasks", str(data_dir), str(root / "sids" / "sids.tsv"), str(root / "tasks"),
                "--tasks", ",".join(["recommend", *(USER_TASKS if config.behaviour_tasks else ())]),
                "--window", str(config.window), "--window-sampling", config.window_sampling, "--seed", str(config.seed),
-               *(["--avoid-repeats"] if config.avoid_repeats else []), *(["--user-sids"] if config.user_sids else [])])
+               *(["--avoid-repeats"] if config.avoid_repeats else []), *(["--user-sids"] if config.user_sids else []),
+               *(["--user-sid-share", str(config.user_sid_share)]
+                 if config.user_sids and config.user_sid_share < 1.0 else [])])
     text_source = (["--train", str(root / "tasks"), "--vocab-size", str(config.text_vocab_size)] if backbone is None
                    else ["--text", str(backbone / "tokenizer"), "--model", str(backbone)])
     clock.run("tokenizer", cli_step, PREFIX, "tokenizer", root / "tokenizer",

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tasks.add_argument("--user-sids", action="store_true",
                        help="next-item prompts carry the user's SID on a line after the header (the SIDS file "
                             "must hold the users', from `neo-jax sids build users.enabled=true`)")
+    tasks.add_argument("--user-sid-share", type=float, default=1.0,
+                       help="with --user-sids: the share of training next-item prompts that name their user, "
+                            "a seeded draw per prompt; validation and test prompts always do (default: 1)")
     tasks.add_argument("--max-search-targets", type=int, default=5, help="examples per search query")
     tasks.add_argument("--explain-fraction", type=float, default=0.2,
                        help="share of training sequences also written as explanations")
@@ -150,7 +153,8 @@ def _tasks(args: argparse.Namespace) -> dict:
     config = TaskConfig(tasks=tuple(t for t in args.tasks.split(",") if t), max_history=args.max_history,
                         max_search_targets=args.max_search_targets, explain_fraction=args.explain_fraction,
                         window=args.window, window_sampling=args.window_sampling,
-                        avoid_repeats=args.avoid_repeats, user_sids=args.user_sids, seed=args.seed)
+                        avoid_repeats=args.avoid_repeats, user_sids=args.user_sids,
+                        user_sid_share=args.user_sid_share, seed=args.seed)
     dataset = load_dataset(args.data_dir)
     sid_map = load_sid_map(args.sids, dataset.catalog)
     users = (load_user_sids(args.sids, dataset.catalog, dataset.interactions.user_ids)

@@ -289,6 +289,10 @@ class TaskConfig:
     window_sampling: str = "tile"  # tile: windows cover each history; random: as many, at random end points
     avoid_repeats: bool = False  # each window also carries one of its items as an avoided span
     user_sids: bool = False  # next-item prompts carry the user's SID after the header
+    # With user_sids: the share of training next-item prompts that name their user (a seeded draw per
+    # prompt); evaluation prompts always do. Below 1, the prompt's items must carry the ranking alone
+    # in the rest, so a model cannot rank by recalling the user's training items from the SID alone.
+    user_sid_share: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -303,6 +307,10 @@ class TaskConfig:
             raise UserError(f"unknown window sampling {self.window_sampling!r}; choose one of {list(WINDOW_SAMPLING)}")
         if self.avoid_repeats and not self.window:
             raise UserError("avoid_repeats needs window examples (window >= 2): the avoided span follows a window")
+        if not 0.0 < self.user_sid_share <= 1.0:
+            raise UserError(f"user_sid_share must be in (0, 1], got {self.user_sid_share}")
+        if self.user_sid_share < 1.0 and not self.user_sids:
+            raise UserError("user_sid_share below 1 thins out the user's line: it needs user_sids")
 
 
 def render_prompt(task: str, entity_type: str, output_format: str, template: int, user_line: str = "",
@@ -342,6 +350,8 @@ class TaskBuilder:
             return ""
         if user is None:
             raise UserError("user_sids: a next-item example was built without its user")
+        if self.config.user_sid_share < 1.0 and self.rng.random() >= self.config.user_sid_share:
+            return ""
         return f"{USER_LINE}{self.users.sids[user]}\n"
 
     def _answer(self, row: int, output_format: str) -> str:
@@ -568,7 +578,8 @@ def build_eval_examples(dataset: Dataset, examples: list[SequenceExample], sid_m
 def iter_eval_examples(dataset: Dataset, examples: Iterable[SequenceExample], sid_map: SidMap,
                        config: TaskConfig, users: UserSids | None = None) -> Iterator[TaskExample]:
     """`build_eval_examples`, one example at a time."""
-    builder = TaskBuilder(dataset.catalog, sid_map, dataclasses.replace(config, tasks=("recommend",)),
+    builder = TaskBuilder(dataset.catalog, sid_map,  # every evaluation prompt names its user
+                          dataclasses.replace(config, tasks=("recommend",), user_sid_share=1.0),
                           np.random.default_rng(config.seed), users)
     item_ids = dataset.catalog.item_ids
     for e in examples:
