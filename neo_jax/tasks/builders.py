@@ -345,7 +345,8 @@ class TaskBuilder:
         return self.catalog.title(int(row))
 
     def _user_line(self, user: int | None) -> str:
-        """The line after the header naming the user, with `config.user_sids`; else nothing."""
+        """The line after the header naming the user, with `config.user_sids` (in a seeded share
+        `config.user_sid_share` of the prompts); else nothing."""
         if not self.config.user_sids:
             return ""
         if user is None:
